@@ -1,0 +1,347 @@
+"""The `lab` command: up, down, status, shell, console, build, run, report, doctor, config.
+
+Every user error is one line on stderr and exit 2 (lab.errors.LabError);
+tracebacks are for bugs only (or with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lab.errors import LabError
+
+err_console = Console(stderr=True)
+
+
+def _console() -> Console:
+    return Console()
+
+
+class _Progress:
+    """A one-line live status for long steps (plain lines when not a terminal)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.status = None
+        self.last = ""
+
+    def __enter__(self) -> "_Progress":
+        if self.console.is_terminal:
+            self.status = self.console.status("starting")
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+    def __call__(self, step: str, fraction: float | None) -> None:
+        text = step if fraction is None else f"{step} ({fraction:.0%})"
+        if self.status is not None:
+            self.status.update(text)
+        elif step.split("(")[0] != self.last.split("(")[0]:
+            # Non-terminal (CI): one line per step, not per tick.
+            self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {text}", highlight=False)
+        self.last = step
+
+
+def _context(args):
+    from lab.config import load_config
+    from lab.lifecycle import LabContext
+
+    return LabContext.open(load_config(args.config))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_config(args) -> int:
+    """Print the resolved lab."""
+    from lab.config import config_to_dict, load_config, render_config
+
+    cfg = load_config(args.config)
+    if args.json:
+        print(json.dumps(config_to_dict(cfg), indent=2, default=str))
+    else:
+        _console().print(render_config(cfg))
+    return 0
+
+
+def cmd_up(args) -> int:
+    """Build what is missing, boot hosts and guests, wait for SSH, show status."""
+    from lab.lifecycle import up
+
+    console = _console()
+    ctx = _context(args)
+    t0 = time.monotonic()
+    try:
+        with _Progress(console) as progress:
+            guests = up(ctx, args.names, progress)
+    except BaseException:
+        # Ctrl-C or a failure half-way: nothing the lab started may linger.
+        if not args.keep_on_error:
+            from lab.lifecycle import down
+
+            err_console.print("[yellow]lab up failed: cleaning up what it started[/]")
+            try:
+                down(ctx)
+            except Exception as e:  # cleanup must not hide the original error
+                err_console.print(f"[red]cleanup: {e}[/]")
+        raise
+    console.print(f"[green]up[/] in {time.monotonic() - t0:.1f}s: " + ", ".join(f"{g.plan.name} ({g.boot_seconds:.0f}s boot)" for g in guests))
+    _print_status(console, ctx)
+    ctx.close()
+    return 0
+
+
+def cmd_down(args) -> int:
+    """Destroy guests, taps and lab hosts of this lab (idempotent)."""
+    from lab.lifecycle import down
+
+    console = _console()
+    ctx = _context(args)
+    with _Progress(console) as progress:
+        gone = down(ctx, progress)
+    console.print("[green]down[/]: " + (", ".join(gone) if gone else "nothing was running"))
+    return 0
+
+
+def _print_status(console: Console, ctx) -> None:
+    from lab.lifecycle import status
+
+    hosts, guests = status(ctx)
+    t = Table(title=f"lab {ctx.cfg.name}: hosts", title_justify="left")
+    for c in ("host", "provider", "state", "kernel", "release", "accel", "nodrop", "modules", "ssh"):
+        t.add_column(c)
+    yn = {True: "[green]yes[/]", False: "no", None: "-"}
+    for h in hosts:
+        match = {True: "[green]built[/]", False: "[red]NOT the built ones[/]", None: "-"}[h.modules_match]
+        t.add_row(h.name, h.provider, h.state, h.kernel_recipe or "-", h.release or "-", h.accel or "-", yn[h.nodrop], match, h.ssh or "-")
+    console.print(t)
+    g = Table(title=f"lab {ctx.cfg.name}: guests", title_justify="left")
+    for c in ("guest", "host", "state", "backend", "tap", "txqueuelen", "qdisc", "vhost", "address"):
+        g.add_column(c)
+    for s in guests:
+        vh = {True: "[green]on[/]", False: "[yellow]off[/]", None: "-"}[s.vhost]
+        g.add_row(s.name, s.host, s.state, s.backend, s.tap, str(s.txqueuelen or "-"), s.qdisc or "-", vh, s.address or "-")
+    console.print(g)
+
+
+def cmd_status(args) -> int:
+    """Show hosts (kernel, accel, nodrop) and guests (tap, txqueuelen, qdisc, vhost)."""
+    ctx = _context(args)
+    _print_status(_console(), ctx)
+    ctx.close()
+    return 0
+
+
+def cmd_shell(args) -> int:
+    """Interactive SSH into a guest or host; with `-- CMD...` run CMD and return its exit code."""
+    from lab.lifecycle import guest_ssh_endpoint
+
+    ctx = _context(args)
+    ep = guest_ssh_endpoint(ctx, args.name)
+    ctx.close()
+    cmd = list(args.command or [])
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    argv = ep.ssh_argv(cmd or None, tty=not cmd and sys.stdin.isatty())
+    os.execvp(argv[0], argv)
+    return 0  # not reached
+
+
+def cmd_console(args) -> int:
+    """Print (or follow) a guest's or lab host's serial console log."""
+    from lab.lifecycle import connect_host
+
+    ctx = _context(args)
+    cfg = ctx.cfg
+    if args.name in cfg.hosts:
+        path = ctx.paths.host_console(args.name)
+    elif args.name in cfg.guests:
+        g = cfg.guests[args.name]
+        host = connect_host(ctx, cfg.hosts[g.host])
+        path = host.local_guest_log(g.name) if host is not None else None
+        if path is None:
+            path = ctx.paths.host_dir(g.host) / "guests" / f"{g.name}.console.log"
+    else:
+        raise LabError(f"no guest or host named {args.name!r}")
+    if not path.exists():
+        raise LabError(f"no console log for {args.name} yet ({path})", hint=f"lab up {args.name}")
+    argv = ["tail", "-n", str(args.lines)] + (["-F"] if args.follow else []) + [str(path)]
+    os.execvp(argv[0], argv)
+    return 0
+
+
+def cmd_build(args) -> int:
+    """Build (or find cached) kernel artifacts and guest images."""
+    from lab.lifecycle import guest_image, kernel_boot
+
+    console = _console()
+    ctx = _context(args)
+    cfg = ctx.cfg
+    what = args.what
+    names = args.names or (list(cfg.kernels) if what == "kernel" else list(cfg.images))
+    for n in names:
+        table = cfg.kernels if what == "kernel" else cfg.images
+        if n not in table:
+            raise LabError(f"no {what} named {n!r} in {cfg.source}", hint="one of: " + ", ".join(table))
+        t0 = time.monotonic()
+        with _Progress(console) as progress:
+            if what == "kernel":
+                kb = kernel_boot(ctx, n, progress)
+                console.print(f"kernel [bold]{n}[/]: {kb.release} key {kb.key[:12]} ({time.monotonic() - t0:.1f}s) {kb.vmlinuz.parent}")
+            else:
+                path = guest_image(ctx, n, progress)
+                console.print(f"image [bold]{n}[/]: {path} ({time.monotonic() - t0:.1f}s)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    """Run a matrix (no pytest): results appended per cell, report, properties."""
+    from lab.matrix import run_matrix
+
+    ctx = _context(args)
+    outcome = run_matrix(ctx, args.matrix, profile=args.profile, resume=args.resume, keep=args.keep, console=_console())
+    return 0 if outcome.all_passed else 1
+
+
+def cmd_report(args) -> int:
+    """Re-render a run from its results file alone."""
+    from lab.config import load_config
+    from lab.expect import evaluate
+    from lab.report import render, to_json, to_markdown, to_svg, to_text
+    from lab.results import load_run
+
+    cfg = load_config(args.config)
+    data = load_run(cfg.workdir, args.run)
+    exp = cfg.expectations
+    props = evaluate(data.summaries(), exp, data.host_accel())
+    kernels = (exp.stock_kernel, exp.nodrop_kernel)
+    compare = load_run(cfg.workdir, args.compare) if args.compare else None
+    if args.json:
+        print(json.dumps(to_json(data, props), indent=2, default=str))
+    elif args.format == "text":
+        print(to_text(data, props, compare=compare, kernels=kernels))
+    elif args.format == "md":
+        print(to_markdown(data, props, compare=compare, kernels=kernels))
+    else:
+        render(data, props, _console(), compare=compare, kernels=kernels)
+    if args.svg:
+        to_svg(Path(args.svg), data, props, compare=compare, kernels=kernels)
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    """Check packages, daemons, devices, nested support; say the fix for each problem."""
+    from lab.doctor import run_checks
+
+    console = _console()
+    checks = run_checks(args.config)
+    t = Table(title="lab doctor", title_justify="left")
+    for c in ("check", "state", "detail", "fix"):
+        t.add_column(c)
+    bad = 0
+    for c in checks:
+        state = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}[c.state]
+        bad += c.state == "fail"
+        t.add_row(c.name, state, c.detail, c.fix or "")
+    console.print(t)
+    return 2 if bad else 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `lab` argument parser."""
+    p = argparse.ArgumentParser(prog="lab", description="vhost-lab: QEMU/KVM test lab for the TAP and vhost_net data paths")
+    p.add_argument("--config", "-c", default=None, help="lab.toml (default: $LAB_CONFIG, ./lab.toml, the repository's)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("config", help="print the resolved lab")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("up", help="build what is missing, boot hosts and guests")
+    s.add_argument("names", nargs="*", help="guests or hosts (default: every guest)")
+    s.add_argument("--keep-on-error", action="store_true", help="leave VMs running when up fails (debugging)")
+    s.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("down", help="destroy guests, taps and lab hosts (idempotent)")
+    s.set_defaults(func=cmd_down)
+
+    s = sub.add_parser("status", help="hosts, kernels, guests, taps")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("shell", help="SSH into a guest or lab host; `-- CMD...` runs CMD")
+    s.add_argument("name")
+    s.add_argument("command", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_shell)
+
+    s = sub.add_parser("console", help="a guest's or lab host's serial console log")
+    s.add_argument("name")
+    s.add_argument("-f", "--follow", action="store_true")
+    s.add_argument("-n", "--lines", type=int, default=200)
+    s.set_defaults(func=cmd_console)
+
+    s = sub.add_parser("build", help="build kernel artifacts or guest images (cached)")
+    s.add_argument("what", choices=("kernel", "image"))
+    s.add_argument("names", nargs="*")
+    s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("run", help="run a matrix without pytest")
+    s.add_argument("matrix")
+    s.add_argument("--profile", default=None)
+    s.add_argument("--resume", default=None, metavar="RUN")
+    s.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("report", help="render a run from its results file")
+    s.add_argument("run", nargs="?", default="latest")
+    s.add_argument("--format", choices=("rich", "text", "md"), default="rich")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--svg", default=None, metavar="FILE")
+    s.add_argument("--compare", default=None, metavar="OTHER_RUN")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("doctor", help="check this machine; print the fix for each problem")
+    s.set_defaults(func=cmd_doctor)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `lab` console script."""
+    args = build_parser().parse_args(argv)
+    # SIGTERM takes the same cleanup path as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        return args.func(args)
+    except LabError as e:
+        err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        return 130
+    except Exception:
+        if args.debug:
+            raise
+        import traceback
+
+        err_console.print("[red]internal error (a bug in vhost-lab):[/]")
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

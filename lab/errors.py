@@ -1,0 +1,56 @@
+"""Errors the lab reports to its user as one line, without a traceback."""
+
+from __future__ import annotations
+
+
+class LabError(Exception):
+    """A problem the user can fix; the CLI prints it on one line and exits 2.
+
+    `hint` is the exact command or change that fixes it, when there is one.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} (fix: {self.hint})"
+        return self.message
+
+
+class ConfigError(LabError):
+    """lab.toml is invalid; the message starts with the key path."""
+
+    def __init__(self, key_path: str, problem: str, hint: str | None = None) -> None:
+        super().__init__(f"{key_path}: {problem}" if key_path else problem, hint)
+        self.key_path = key_path
+        self.problem = problem
+
+
+class MissingPiece(LabError):
+    """A package, daemon or device the lab needs is absent."""
+
+
+class HostGone(LabError):
+    """The lab host stopped answering; the matrix must stop cleanly."""
+
+
+class CommandFailed(LabError):
+    """A command on a host exited non-zero."""
+
+    def __init__(self, argv: list[str], rc: int, stdout: str = "", stderr: str = "", where: str = "") -> None:
+        import shlex
+
+        tail = (stderr or stdout).strip().splitlines()[-5:]
+        msg = f"{where + ': ' if where else ''}`{shlex.join(argv)}` exited {rc}"
+        if tail:
+            msg += ": " + " | ".join(tail)
+        super().__init__(msg)
+        self.argv = argv
+        self.rc = rc
+        self.stdout = stdout
+        self.stderr = stderr

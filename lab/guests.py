@@ -1,0 +1,226 @@
+"""Guests on a lab host: tap, disk overlay, libvirt domain, boot, wait for SSH.
+
+A guest's NIC is virtio-net on a tap the lab creates on the host (pyroute2,
+through the lab agent) with the configured txqueuelen and vnet_hdr;
+libvirt attaches it as an existing tap with the vhost or qemu backend. Each
+guest gets a /24 of its own between the host's tap (.1) and the guest (.2);
+that subnet exists only inside the lab host.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from lab.domains import GuestDomain, guest_mac, guest_xml
+from lab.errors import LabError
+from lab.hosts import Host
+from lab.initramfs import InitramfsSpec, cached_initramfs
+from lab.paths import LabPaths
+from lab.remote import SshEndpoint, SshRunner
+
+GUEST_INITRAMFS = Path(__file__).with_name("data") / "guest-initramfs.sh"
+GUEST_MODULES = ("virtio_blk", "virtio_net", "ext4")
+READY_MARK = "LAB-GUEST-READY"
+Progress = Callable[[str, float | None], None]
+
+
+@dataclass(frozen=True)
+class GuestPlan:
+    """Everything needed to boot one guest: resolved from config and artifacts."""
+
+    name: str
+    index: int
+    vcpus: int
+    memory_mib: int
+    backend: str  # "vhost" | "tap"
+    txqueuelen: int
+    tap: str
+    image: Path  # base qcow2 (read-only, shared)
+    kernel: Path  # guest kernel (vmlinuz)
+    modules_dir: Path  # that kernel's lib/modules/<release>
+
+    @property
+    def host_ip(self) -> str:
+        """The lab host's address on the guest's tap."""
+        return f"10.99.{self.index}.1"
+
+    @property
+    def guest_ip(self) -> str:
+        """The guest's address."""
+        return f"10.99.{self.index}.2"
+
+
+@dataclass
+class RunningGuest:
+    """A booted guest."""
+
+    plan: GuestPlan
+    host: Host
+    domain: str
+    key: Path
+    console: str  # path on the host
+    boot_seconds: float = 0.0
+
+    def endpoint(self) -> SshEndpoint:
+        """SSH to the guest, jumping through its host."""
+        return guest_endpoint(self.host, self.plan.guest_ip, self.key)
+
+    def runner(self, timeout: float = 120.0) -> SshRunner:
+        """A command runner on the guest."""
+        return SshRunner(self.endpoint(), timeout)
+
+
+def guest_endpoint(host: Host, ip: str, key: Path) -> SshEndpoint:
+    """How to reach a guest at `ip` on `host`."""
+    return SshEndpoint(ip, 22, "root", key, jump=host.endpoint())
+
+
+def _noop(step: str, fraction: float | None) -> None:
+    pass
+
+
+def guest_initrd(paths: LabPaths, modules_dir: Path) -> Path:
+    """The guests' initramfs for a kernel (cached by content)."""
+    spec = InitramfsSpec(modules_dir, GUEST_MODULES, GUEST_INITRAMFS.read_text())
+    return cached_initramfs(spec, paths.initrd_dir, "guest")
+
+
+def boot_guest(
+    paths: LabPaths,
+    host: Host,
+    plan: GuestPlan,
+    key: Path,
+    boot_timeout: float = 240.0,
+    progress: Progress = _noop,
+) -> RunningGuest:
+    """Create the tap, the disk overlay and the domain; wait until SSH answers.
+
+    On failure the guest and its tap are removed again and the console log's
+    tail is part of the error.
+    """
+    domain = paths.domain_name("", plan.name)
+    destroy_guest(paths, host, plan.name, plan.tap)
+    initrd = guest_initrd(paths, plan.modules_dir)
+    gdir = host.guest_dir()
+    overlay = f"{gdir}/{plan.name}.qcow2"
+    console = host.guest_log(plan.name)
+    progress(f"{plan.name}: tap {plan.tap} (txqueuelen {plan.txqueuelen})", None)
+    host.agent(["tap-create", "--name", plan.tap, "--txqueuelen", str(plan.txqueuelen), "--vnet-hdr", "--address", f"{plan.host_ip}/24"])
+    host.run(["mkdir", "-p", gdir, str(Path(console).parent)])
+    host.run(["rm", "-f", console])
+    host.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(plan.image), overlay])
+    cmdline = " ".join(
+        [
+            "console=ttyS0",
+            "quiet",
+            "loglevel=4",
+            "panic=-1",
+            "init=/sbin/lab-init",
+            f"lab.hostname={plan.name}",
+            f"lab.ip={plan.guest_ip}/24",
+        ]
+    )
+    xml = guest_xml(
+        GuestDomain(
+            name=domain,
+            vcpus=plan.vcpus,
+            memory_mib=plan.memory_mib,
+            kernel=plan.kernel,
+            initrd=initrd,
+            cmdline=cmdline,
+            disk=Path(overlay),
+            tap=plan.tap,
+            mac=guest_mac(paths.lab, plan.index),
+            backend=plan.backend,
+            console_log=Path(console),
+            accel="kvm",
+        )
+    )
+    t0 = time.monotonic()
+    progress(f"{plan.name}: starting ({plan.backend})", None)
+    try:
+        host.libvirt().createXML(xml, 0)
+    except Exception as e:
+        destroy_guest(paths, host, plan.name, plan.tap)
+        raise LabError(f"guest {plan.name} on {host.name}: libvirt refused to start it: {e}") from None
+    guest = RunningGuest(plan=plan, host=host, domain=domain, key=key, console=console)
+    try:
+        _wait_guest(guest, boot_timeout, progress, t0)
+        # libvirt gives taps a noqueue root qdisc; the lab measures the
+        # kernel's default qdisc (the one that holds a stopped queue's backlog).
+        host.agent(["netem", "--dev", plan.tap, "--clear"])
+    except BaseException:
+        destroy_guest(paths, host, plan.name, plan.tap)
+        raise
+    guest.boot_seconds = time.monotonic() - t0
+    return guest
+
+
+def console_tail(host: Host, guest: str, lines: int = 20) -> str:
+    """The last lines of a guest's serial console (for errors)."""
+    local = host.local_guest_log(guest)
+    try:
+        if local is not None:
+            return "\n".join(local.read_text(errors="replace").splitlines()[-lines:])
+        return host.run(["tail", "-n", str(lines), host.guest_log(guest)], check=False, timeout=20).stdout
+    except Exception:
+        return "(console log unavailable)"
+
+
+def _console_text(guest: RunningGuest) -> str:
+    local = guest.host.local_guest_log(guest.plan.name)
+    if local is not None:
+        try:
+            return local.read_text(errors="replace")
+        except OSError:
+            return ""
+    return guest.host.run(["cat", guest.console], check=False, timeout=20).stdout
+
+
+def _wait_guest(guest: RunningGuest, timeout: float, progress: Progress, t0: float) -> None:
+    name = guest.plan.name
+    while READY_MARK not in (text := _console_text(guest)):
+        elapsed = time.monotonic() - t0
+        if "LAB-GUEST-FAILED" in text or "Kernel panic" in text:
+            raise LabError(f"guest {name} failed to boot; console:\n{console_tail(guest.host, name)}")
+        if elapsed > timeout:
+            raise LabError(f"guest {name} did not come up in {timeout:.0f}s; console:\n{console_tail(guest.host, name)}")
+        progress(f"{name}: booting ({elapsed:.0f}s)", None)
+        time.sleep(1.0)
+    progress(f"{name}: waiting for SSH", None)
+    runner = guest.runner(timeout=60)
+    try:
+        while True:
+            res = runner.run(["true"], timeout=60, check=False)
+            if res.rc == 0:
+                return
+            if time.monotonic() - t0 > timeout:
+                raise LabError(f"guest {name}: SSH at {guest.plan.guest_ip} does not answer: {res.stderr.strip()}")
+            time.sleep(1.0)
+    finally:
+        runner.close()
+
+
+def destroy_guest(paths: LabPaths, host: Host, name: str, tap: str | None) -> None:
+    """Destroy a guest's domain, disk overlay and tap (idempotent)."""
+    import libvirt
+
+    try:
+        dom = host.libvirt().lookupByName(paths.domain_name("", name))
+        if dom.isActive():
+            dom.destroy()
+        if dom.isPersistent():
+            dom.undefine()
+    except libvirt.libvirtError:
+        pass
+    host.run(["rm", "-f", f"{host.guest_dir()}/{name}.qcow2"], check=False)
+    if tap:
+        host.agent(["tap-delete", "--name", tap])
+
+
+def list_lab_guests(host: Host, lab: str) -> list[tuple[str, bool]]:
+    """(domain name, active) of the lab's guests on `host`."""
+    return sorted((d.name(), bool(d.isActive())) for d in host.libvirt().listAllDomains() if d.name().startswith(lab + "-"))

@@ -1,0 +1,388 @@
+"""Where guests run: the three host providers behind one small interface.
+
+- `NestedHost`: a lab host VM on this machine, booted on a kernel artifact
+  (stock or patched), this machine's root shared read-only over 9p under a
+  tmpfs overlay; reached by SSH through a loopback port forward.
+- `LocalHost`: this machine's own running kernel.
+- `SshHost`: a remote machine with libvirtd and SSH.
+
+Guests, net, traffic and the matrix only use `Host`: run an argument list,
+call the lab agent, open libvirt, probe the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lab.errors import HostGone, LabError, MissingPiece
+from lab.remote import CommandResult, SshEndpoint, SshRunner, free_loopback_port, quote_argv
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LABHOST_INITRAMFS = Path(__file__).with_name("data") / "labhost-initramfs.sh"
+LABHOST_INIT = Path(__file__).with_name("data") / "labhost-init.sh"
+# Where a lab host keeps guest disks and logs (tmpfs inside the lab host) and
+# the share that is this machine's per-host state directory.
+HOST_VAR = "/var/lib/vhost-lab"
+HOST_STATE = f"{HOST_VAR}/state"
+
+
+@dataclass(frozen=True)
+class HostProbe:
+    """What a host's kernel offers the lab."""
+
+    name: str
+    provider: str
+    release: str
+    accel: str  # how this host itself runs: "tcg" (emulated) or "kvm"/"metal"
+    kvm: bool  # /dev/kvm usable for guests
+    vhost_net: bool
+    tun: bool
+    netem: bool
+    modules: dict[str, str]  # loaded module -> srcversion (tun, tap, vhost, vhost_net)
+    nodrop: bool | None  # patched tun present (None: unknown)
+    cpu_model: str = "?"
+    kernel_recipe: str | None = None
+    modules_match: bool | None = None  # loaded modules are the ones the artifact built
+
+    def problems(self) -> list[str]:
+        """What keeps this host from running lab guests."""
+        out = []
+        if not self.kvm:
+            out.append("no usable /dev/kvm")
+        if not self.vhost_net:
+            out.append("no /dev/vhost-net (modprobe vhost_net)")
+        if not self.tun:
+            out.append("no /dev/net/tun")
+        return out
+
+
+@dataclass
+class HostRuntime:
+    """A running host as the lab left it: persisted beside the host's state."""
+
+    name: str
+    provider: str
+    domain: str | None
+    ssh_port: int
+    kernel_recipe: str | None
+    kernel_key: str | None
+    kernel_release: str | None
+    accel: str
+    started_at: float
+    module_srcversions: dict[str, str]
+
+    def save(self, path: Path) -> None:
+        """Write atomically."""
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "HostRuntime | None":
+        """Read a saved runtime, None when absent or unreadable."""
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+class Host:
+    """The interface every provider offers."""
+
+    name: str
+    provider: str
+
+    def run(self, argv: list[str], timeout: float | None = None, check: bool = True, stdin: str | None = None) -> CommandResult:
+        """Run an argument list on the host."""
+        raise NotImplementedError
+
+    def libvirt_uri(self) -> str:
+        """The libvirt URI of the host's libvirtd."""
+        raise NotImplementedError
+
+    def endpoint(self) -> SshEndpoint | None:
+        """SSH endpoint of the host (the jump to its guests); None for local."""
+        return None
+
+    def libvirt(self):
+        """A libvirt connection to the host's libvirtd, opened once and kept."""
+        conn = getattr(self, "_libvirt_conn", None)
+        if conn is None:
+            import libvirt
+
+            try:
+                conn = libvirt.open(self.libvirt_uri())
+            except libvirt.libvirtError as e:
+                raise HostGone(f"cannot reach libvirtd on {self.name} ({self.libvirt_uri()}): {e}") from None
+            self._libvirt_conn = conn
+        return conn
+
+    def _close_libvirt(self) -> None:
+        conn = getattr(self, "_libvirt_conn", None)
+        self._libvirt_conn = None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def python(self) -> list[str]:
+        """How to start this lab's Python on the host."""
+        # Nested and local hosts see this machine's root: the same interpreter
+        # and the same source tree are there.
+        return ["env", f"PYTHONPATH={REPO_ROOT}", sys.executable]
+
+    def agent(self, args: list[str], timeout: float | None = None, module: str = "lab.agent") -> dict:
+        """Run `python -m lab.agent ARGS` on the host and return its JSON."""
+        res = self.run(self.python() + ["-m", module, *args], timeout=timeout, check=False)
+        try:
+            data = json.loads(res.stdout.strip().splitlines()[-1]) if res.stdout.strip() else {}
+        except ValueError:
+            data = {}
+        if res.rc != 0 or "error" in data:
+            msg = data.get("error") or (res.stderr.strip().splitlines() or [f"exit {res.rc}"])[-1]
+            if res.rc == 255:
+                raise HostGone(f"lab host {self.name} does not answer: {msg}")
+            raise LabError(f"{self.name}: {module} {' '.join(args[:1])}: {msg}")
+        return data
+
+    def guest_dir(self) -> str:
+        """Directory on the host for guest disks and initrds."""
+        return f"{HOST_VAR}/guests"
+
+    def guest_log(self, guest: str) -> str:
+        """Path, on the host, of a guest's serial console log."""
+        return f"{HOST_STATE}/guests/{guest}.console.log"
+
+    def local_guest_log(self, guest: str) -> Path | None:
+        """The same log seen from this machine, when the host shares it."""
+        return None
+
+    def probe(self) -> HostProbe:
+        """Ask the host what its kernel offers."""
+        data = self.agent([], module="lab.probe")
+        return HostProbe(
+            name=self.name,
+            provider=self.provider,
+            release=data.get("release", "?"),
+            accel=data.get("accel", "?"),
+            kvm=bool(data.get("kvm")),
+            vhost_net=bool(data.get("vhost_net")),
+            tun=bool(data.get("tun")),
+            netem=bool(data.get("netem")),
+            modules=data.get("modules", {}),
+            nodrop=data.get("nodrop"),
+            cpu_model=data.get("cpu_model", "?"),
+        )
+
+    def close(self) -> None:
+        """Release connections."""
+        self._close_libvirt()
+
+
+@dataclass
+class LocalHost(Host):
+    """This machine's own kernel."""
+
+    name: str = "local"
+    provider: str = "local"
+
+    def run(self, argv, timeout=None, check=True, stdin=None) -> CommandResult:
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=stdin)
+            res = CommandResult(tuple(argv), p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
+        except subprocess.TimeoutExpired:
+            res = CommandResult(tuple(argv), 124, "", f"timed out after {timeout}s", time.monotonic() - t0)
+        except FileNotFoundError as e:
+            res = CommandResult(tuple(argv), 127, "", str(e), time.monotonic() - t0)
+        if check:
+            res.check("local")
+        return res
+
+    def libvirt_uri(self) -> str:
+        return "qemu:///system"
+
+    def local_guest_log(self, guest: str) -> Path | None:
+        return Path(self.guest_log(guest))
+
+    def require_usable(self) -> HostProbe:
+        """Probe, and refuse clearly when this kernel cannot run lab guests."""
+        p = self.probe()
+        problems = p.problems()
+        if problems:
+            raise MissingPiece(
+                f"host provider 'local' cannot run guests on this machine ({p.release}): " + "; ".join(problems),
+                hint="use provider = \"nested\" (the default lab) or boot a kernel with KVM and vhost_net",
+            )
+        return p
+
+
+@dataclass
+class SshHost(Host):
+    """A remote machine with libvirtd and SSH (the scale-out path)."""
+
+    name: str
+    uri: str
+    address: str
+    user: str
+    key: Path
+    port: int = 22
+    provider: str = "ssh"
+
+    def __post_init__(self) -> None:
+        self._runner = SshRunner(SshEndpoint(self.address, self.port, self.user, self.key))
+
+    def run(self, argv, timeout=None, check=True, stdin=None) -> CommandResult:
+        return self._runner.run(list(argv), timeout=timeout, check=check, stdin=stdin)
+
+    def python(self) -> list[str]:
+        # A remote host has its own install of the lab (pip install vhost-lab).
+        return ["python3"]
+
+    def libvirt_uri(self) -> str:
+        return self.uri
+
+    def endpoint(self) -> SshEndpoint:
+        return self._runner.endpoint
+
+    def close(self) -> None:
+        self._close_libvirt()
+        self._runner.close()
+
+
+@dataclass
+class NestedHost(Host):
+    """A running lab host VM, reached on 127.0.0.1:ssh_port."""
+
+    name: str
+    runtime: HostRuntime
+    key: Path
+    state_dir: Path
+    command_timeout: float = 120.0
+    provider: str = "nested"
+
+    def __post_init__(self) -> None:
+        self._runner = SshRunner(self.endpoint(), self.command_timeout)
+
+    def endpoint(self) -> SshEndpoint:
+        return SshEndpoint("127.0.0.1", self.runtime.ssh_port, "root", self.key)
+
+    def run(self, argv, timeout=None, check=True, stdin=None) -> CommandResult:
+        return self._runner.run(list(argv), timeout=timeout, check=check, stdin=stdin)
+
+    def libvirt_uri(self) -> str:
+        # qemu+ssh would start libvirt's client library inside the lab host
+        # for every connection (7-14 s under TCG); instead the host's libvirtd
+        # socket is forwarded over SSH and the library runs here (0.2 s).
+        return f"qemu+unix:///system?socket={self._forward_socket()}"
+
+    def _forward_socket(self) -> Path:
+        sock = self.state_dir / f"libvirt-{os.getpid()}.sock"
+        fwd = getattr(self, "_forwarder", None)
+        if fwd is not None and fwd.poll() is None and sock.exists():
+            return sock
+        sock.unlink(missing_ok=True)
+        argv = self.endpoint().ssh_argv()[:-1] + [
+            "-N", "-o", "ExitOnForwardFailure=yes", "-L", f"{sock}:/run/libvirt/libvirt-sock", "root@127.0.0.1",
+        ]
+        self._forwarder = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        t0 = time.monotonic()
+        while not sock.exists():
+            if self._forwarder.poll() is not None:
+                err = self._forwarder.stderr.read().decode(errors="replace").strip() if self._forwarder.stderr else ""
+                raise HostGone(f"lab host {self.name}: cannot forward libvirtd's socket over SSH: {err}")
+            if time.monotonic() - t0 > 30:
+                self._stop_forwarder()
+                raise HostGone(f"lab host {self.name}: libvirtd socket forward did not come up in 30s")
+            time.sleep(0.05)
+        return sock
+
+    def _stop_forwarder(self) -> None:
+        fwd = getattr(self, "_forwarder", None)
+        self._forwarder = None
+        if fwd is not None and fwd.poll() is None:
+            fwd.terminate()
+            try:
+                fwd.wait(5)
+            except subprocess.TimeoutExpired:
+                fwd.kill()
+        (self.state_dir / f"libvirt-{os.getpid()}.sock").unlink(missing_ok=True)
+
+    def local_guest_log(self, guest: str) -> Path | None:
+        return self.state_dir / "guests" / f"{guest}.console.log"
+
+    def probe(self) -> HostProbe:
+        p = super().probe()
+        built = self.runtime.module_srcversions or {}
+        match = None
+        if built:
+            match = all(p.modules.get(m) == v for m, v in built.items() if m in p.modules) and all(m in p.modules for m in built)
+        return HostProbe(**{**asdict(p), "accel": self.runtime.accel, "kernel_recipe": self.runtime.kernel_recipe, "modules_match": match})
+
+    def close(self) -> None:
+        self._close_libvirt()
+        self._stop_forwarder()
+        self._runner.close()
+
+
+# ---------------------------------------------------------------------------
+# The nested provider's lifecycle: boot and destroy lab host VMs on this machine
+# ---------------------------------------------------------------------------
+
+
+def outer_libvirt():
+    """A connection to this machine's libvirtd, started first if we may."""
+    import libvirt
+
+    ensure_local_daemons()
+    try:
+        return libvirt.open("qemu:///system")
+    except libvirt.libvirtError as e:
+        raise MissingPiece(f"cannot connect to libvirtd on this machine: {e}", hint="virtlogd -d && libvirtd -d") from None
+
+
+def _daemon_running(name: str) -> bool:
+    return subprocess.run(["pgrep", "-x", name], capture_output=True).returncode == 0
+
+
+def ensure_local_daemons() -> None:
+    """Start virtlogd and libvirtd when they are not running (root only: no systemd here)."""
+    for daemon in ("virtlogd", "libvirtd"):
+        if _daemon_running(daemon):
+            continue
+        exe = shutil.which(daemon) or f"/usr/sbin/{daemon}"
+        if not Path(exe).exists():
+            raise MissingPiece(f"{daemon} is not installed", hint="apt-get install libvirt-daemon-system qemu-system-x86")
+        if os.geteuid() != 0:
+            raise MissingPiece(f"{daemon} is not running and only root may start it", hint=f"sudo {daemon} -d")
+        subprocess.run([exe, "-d"], check=False)
+    sock = Path("/run/libvirt/libvirt-sock")
+    t0 = time.monotonic()
+    while not sock.exists() and time.monotonic() - t0 < 15:
+        time.sleep(0.2)
+
+
+def outer_accel() -> str:
+    """How this machine can run a lab host: "kvm" only if /dev/kvm really boots one.
+
+    On this machine kind /dev/kvm exists but is PVM-only (a stock kernel does
+    not boot on it), so the lab uses TCG unless VHOST_LAB_ACCEL=kvm says so.
+    """
+    forced = os.environ.get("VHOST_LAB_ACCEL")
+    if forced in ("kvm", "tcg"):
+        return forced
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "tcg"
+    if (" vmx" in flags or " svm" in flags) and Path("/dev/kvm").exists() and "hypervisor" not in flags:
+        return "kvm"
+    return "tcg"

@@ -1,0 +1,330 @@
+"""Bringing a lab up and down: config -> artifacts -> hosts -> guests.
+
+`up` builds what is missing (kernel artifacts, the guest image), boots the
+lab hosts the chosen guests need, then the guests; `down` destroys every
+object carrying the lab's name prefix, whether or not this process made it
+(so it also cleans up after a kill -9).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lab.config import GuestSpec, HostSpec, LabConfig
+from lab.errors import ConfigError, HostGone, LabError
+from lab.guests import GuestPlan, RunningGuest, boot_guest, destroy_guest, guest_endpoint, list_lab_guests
+from lab.hosts import Host, LocalHost, SshHost
+from lab.nested import KernelBoot, boot_host, destroy_host, find_host, lab_domains
+from lab.paths import LabPaths
+from lab.sshkeys import SshKeyPair, ensure_keypair
+
+Progress = Callable[[str, float | None], None]
+
+
+def _noop(step: str, fraction: float | None) -> None:
+    pass
+
+
+@dataclass
+class LabContext:
+    """A loaded lab with its paths and key: what every command starts from."""
+
+    cfg: LabConfig
+    paths: LabPaths
+    key: SshKeyPair
+    hosts: dict[str, Host] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, cfg: LabConfig) -> "LabContext":
+        """Prepare the workdir and the lab's key pair."""
+        paths = LabPaths(cfg.workdir, cfg.name)
+        paths.lab_dir.mkdir(parents=True, exist_ok=True)
+        return cls(cfg, paths, ensure_keypair(cfg.workdir, cfg.name))
+
+    def close(self) -> None:
+        """Release every host connection."""
+        for h in self.hosts.values():
+            h.close()
+        self.hosts.clear()
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def kernel_boot(ctx: LabContext, recipe_name: str, progress: Progress = _noop) -> KernelBoot:
+    """The kernel artifact for a recipe, built if missing."""
+    from lab.kernel import build_kernel
+
+    recipe = ctx.cfg.kernels[recipe_name]
+    art = build_kernel(recipe, ctx.cfg.workdir, progress=progress, timeout=ctx.cfg.timeouts.build)
+    return KernelBoot.from_artifact(art)
+
+
+def guest_kernel(ctx: LabContext, progress: Progress = _noop) -> KernelBoot:
+    """The kernel guests boot: the stock recipe's (guests are not under test)."""
+    return kernel_boot(ctx, ctx.cfg.expectations.stock_kernel, progress)
+
+
+def guest_image(ctx: LabContext, image_name: str, progress: Progress = _noop) -> Path:
+    """The base disk of an image recipe, built if missing."""
+    from lab.image import build_image
+
+    ref = ctx.cfg.images[image_name]
+    img = build_image(ref.recipe, ctx.cfg.workdir, ctx.key.public_key_text(), progress=progress, timeout=ctx.cfg.timeouts.build)
+    return img.path
+
+
+# --------------------------------------------------------------------------- hosts
+
+
+def connect_host(ctx: LabContext, spec: HostSpec) -> Host | None:
+    """The running host for `spec` (None when a nested host is not up)."""
+    if spec.name in ctx.hosts:
+        return ctx.hosts[spec.name]
+    host: Host | None
+    if spec.provider == "nested":
+        host = find_host(ctx.paths, spec.name, ctx.key.private, ctx.cfg.timeouts.command)
+    elif spec.provider == "local":
+        host = LocalHost(name=spec.name)
+    else:
+        host = SshHost(name=spec.name, uri=spec.uri, address=spec.address, user=spec.user or "root", key=ctx.key.private)
+    if host is not None:
+        ctx.hosts[spec.name] = host
+    return host
+
+
+def up_host(ctx: LabContext, spec: HostSpec, kernel: str | None = None, progress: Progress = _noop) -> Host:
+    """Make host `spec` run (on `kernel`, default its own); reuse it when it already does."""
+    if spec.provider == "local":
+        host = LocalHost(name=spec.name)
+        host.require_usable()
+        ctx.hosts[spec.name] = host
+        return host
+    if spec.provider == "ssh":
+        host = connect_host(ctx, spec)
+        assert host is not None
+        problems = host.probe().problems()
+        if problems:
+            raise LabError(f"host {spec.name} ({spec.address}) cannot run guests: " + "; ".join(problems))
+        return host
+    recipe = kernel or spec.kernel
+    if recipe is None:
+        raise ConfigError(f"hosts.{spec.name}.kernel", "a nested host needs a kernel recipe")
+    kb = kernel_boot(ctx, recipe, progress)
+    old = ctx.hosts.pop(spec.name, None)
+    if old is not None:
+        old.close()
+    host = boot_host(
+        ctx.paths,
+        spec.name,
+        kb,
+        spec.vcpus,
+        spec.memory_mib,
+        ctx.key.private,
+        ctx.key.public_key_text(),
+        ssh_port=spec.ssh_port,
+        boot_timeout=ctx.cfg.timeouts.host_boot,
+        command_timeout=ctx.cfg.timeouts.command,
+        progress=progress,
+    )
+    ctx.hosts[spec.name] = host
+    return host
+
+
+# --------------------------------------------------------------------------- guests
+
+
+def guest_plan(ctx: LabContext, spec: GuestSpec, backend: str | None = None, txqueuelen: int | None = None, progress: Progress = _noop) -> GuestPlan:
+    """Resolve a guest's config into a bootable plan (building artifacts)."""
+    kb = guest_kernel(ctx, progress)
+    return GuestPlan(
+        name=spec.name,
+        index=spec.index,
+        vcpus=spec.vcpus,
+        memory_mib=spec.memory_mib,
+        backend=backend or spec.net.backend,
+        txqueuelen=txqueuelen or spec.net.txqueuelen,
+        tap=spec.net.tap,
+        image=guest_image(ctx, spec.image, progress),
+        kernel=kb.vmlinuz,
+        modules_dir=kb.modules_root / "lib" / "modules" / kb.release,
+    )
+
+
+def up(ctx: LabContext, names: list[str], progress: Progress = _noop) -> list[RunningGuest]:
+    """Bring up guests `names` (hosts or guests; empty: all guests) and their hosts."""
+    cfg = ctx.cfg
+    guests: list[GuestSpec] = []
+    for n in names:
+        if n in cfg.guests:
+            guests.append(cfg.guests[n])
+        elif n in cfg.hosts:
+            guests += [g for g in cfg.guests.values() if g.host == n]
+        else:
+            known = ", ".join(sorted(set(cfg.guests) | set(cfg.hosts)))
+            raise LabError(f"no guest or host named {n!r} in {cfg.source}", hint=f"one of: {known}")
+    if not names:
+        guests = list(cfg.guests.values())
+    host_names = [n for n in names if n in cfg.hosts and not any(g.host == n for g in guests)]
+    running: list[RunningGuest] = []
+    for hn in dict.fromkeys([g.host for g in guests] + host_names):
+        spec = cfg.hosts[hn]
+        host = connect_host(ctx, spec) if spec.provider == "nested" else None
+        if host is None or (spec.provider == "nested" and host.runtime.kernel_recipe != spec.kernel):
+            host = up_host(ctx, spec, progress=progress)
+        for g in (g for g in guests if g.host == hn):
+            plan = guest_plan(ctx, g, progress=progress)
+            running.append(boot_guest(ctx.paths, host, plan, ctx.key.private, cfg.timeouts.guest_boot, progress))
+    return running
+
+
+def down(ctx: LabContext, progress: Progress = _noop) -> list[str]:
+    """Destroy every lab object: guests, taps, lab hosts. Idempotent. Returns what went."""
+    cfg = ctx.cfg
+    gone: list[str] = []
+    for spec in cfg.hosts.values():
+        if spec.provider == "nested":
+            continue  # destroying the lab host VM takes its guests and taps with it
+        try:
+            host = connect_host(ctx, spec)
+            if host is None:
+                continue
+            for dom, _active in list_lab_guests(host, cfg.name):
+                guest = dom[len(cfg.name) + 1 :]
+                tap = cfg.guests[guest].net.tap if guest in cfg.guests else None
+                destroy_guest(ctx.paths, host, guest, tap)
+                gone.append(f"guest {dom} on {spec.name}")
+            for tap in host.agent(["tap-list", "--prefix", f"{cfg.name}-"]).get("taps", []):
+                host.agent(["tap-delete", "--name", tap["name"]])
+                gone.append(f"tap {tap['name']} on {spec.name}")
+        except (HostGone, LabError) as e:
+            progress(f"{spec.name}: {e}", None)
+    ctx.close()
+    # Every nested host of this lab, whether lab.toml still names it or not.
+    hosts_dir = ctx.paths.lab_dir / "hosts"
+    names = {p.name for p in hosts_dir.iterdir()} if hosts_dir.exists() else set()
+    names |= {s.name for s in cfg.hosts.values() if s.provider == "nested"}
+    for dom in lab_domains(cfg.name):
+        names.add(dom[len(cfg.name) + 1 :])
+    for n in sorted(names):
+        progress(f"destroying {n}", None)
+        if destroy_host(ctx.paths, n):
+            gone.append(f"lab host {cfg.name}-{n}")
+    return gone
+
+
+# --------------------------------------------------------------------------- status
+
+
+@dataclass(frozen=True)
+class GuestStatus:
+    """One guest as `lab status` shows it."""
+
+    name: str
+    host: str
+    state: str
+    backend: str
+    tap: str
+    txqueuelen: int | None
+    qdisc: str | None
+    vhost: bool | None
+    address: str
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    """One host as `lab status` shows it."""
+
+    name: str
+    provider: str
+    state: str
+    kernel_recipe: str | None
+    release: str | None
+    accel: str | None
+    nodrop: bool | None
+    modules_match: bool | None
+    ssh: str | None
+
+
+def status(ctx: LabContext) -> tuple[list[HostStatus], list[GuestStatus]]:
+    """Live state of the lab's hosts and guests."""
+    cfg = ctx.cfg
+    hosts: list[HostStatus] = []
+    guests: list[GuestStatus] = []
+    for spec in cfg.hosts.values():
+        host = None
+        try:
+            host = connect_host(ctx, spec) if spec.provider != "local" else LocalHost(name=spec.name)
+        except LabError:
+            host = None
+        if host is None:
+            hosts.append(HostStatus(spec.name, spec.provider, "down", spec.kernel, None, None, None, None, None))
+            for g in (g for g in cfg.guests.values() if g.host == spec.name):
+                guests.append(GuestStatus(g.name, spec.name, "down", g.net.backend, g.net.tap, None, None, None, ""))
+            continue
+        try:
+            p = host.probe()
+            ep = host.endpoint()
+            hosts.append(
+                HostStatus(spec.name, spec.provider, "up", p.kernel_recipe or spec.kernel, p.release, p.accel, p.nodrop, p.modules_match,
+                           f"{ep.host}:{ep.port}" if ep else None)
+            )
+            active = dict(list_lab_guests(host, cfg.name))
+        except (HostGone, LabError) as e:
+            hosts.append(HostStatus(spec.name, spec.provider, f"unreachable: {e}", spec.kernel, None, None, None, None, None))
+            continue
+        for g in (g for g in cfg.guests.values() if g.host == spec.name):
+            dom = ctx.paths.domain_name("", g.name)
+            if not active.get(dom):
+                guests.append(GuestStatus(g.name, spec.name, "down", g.net.backend, g.net.tap, None, None, None, ""))
+                continue
+            tap = _tap_facts(host, g.net.tap)
+            guests.append(
+                GuestStatus(g.name, spec.name, "running", g.net.backend, g.net.tap, tap.get("txqueuelen"), tap.get("qdisc"),
+                            _uses_vhost(host, dom), f"10.99.{g.index}.2")
+            )
+    return hosts, guests
+
+
+def _tap_facts(host: Host, tap: str) -> dict:
+    try:
+        taps = {t["name"]: t for t in host.agent(["tap-list", "--prefix", tap]).get("taps", [])}
+        qdisc = (host.agent(["counters", "--dev", tap]).get("qdisc") or {}).get("kind")
+    except LabError:
+        return {}
+    return {"txqueuelen": taps.get(tap, {}).get("txqueuelen"), "qdisc": qdisc}
+
+
+def _uses_vhost(host: Host, domain: str) -> bool | None:
+    """True when the domain's QEMU holds /dev/vhost-net (the vhost_net data path)."""
+    res = host.run(["pgrep", "-f", f"guest={domain},"], check=False, timeout=30)
+    pids = res.stdout.split()
+    if not pids:
+        return None
+    fds = host.run(["find", f"/proc/{pids[0]}/fd", "-lname", "/dev/vhost-net"], check=False, timeout=30)
+    return bool(fds.stdout.strip())
+
+
+def guest_ssh_endpoint(ctx: LabContext, name: str):
+    """The SSH endpoint of a running guest (for `lab shell`)."""
+    cfg = ctx.cfg
+    if name in cfg.hosts:
+        host = connect_host(ctx, cfg.hosts[name])
+        if host is None or host.endpoint() is None:
+            raise LabError(f"lab host {name} is not up", hint="lab up")
+        return host.endpoint()
+    if name not in cfg.guests:
+        raise LabError(f"no guest named {name!r}", hint="one of: " + ", ".join(cfg.guests))
+    g = cfg.guests[name]
+    host = connect_host(ctx, cfg.hosts[g.host])
+    if host is None:
+        raise LabError(f"guest {name}'s lab host {g.host} is not up", hint=f"lab up {name}")
+    return guest_endpoint(host, f"10.99.{g.index}.2", ctx.key.private)
+
+
+def wait_seconds(t0: float) -> float:
+    """Seconds since t0 (monotonic)."""
+    return time.monotonic() - t0

@@ -1,0 +1,235 @@
+"""The nested provider's lifecycle: boot, find and destroy lab host VMs.
+
+A lab host is a transient libvirt domain on this machine (nothing is left in
+/etc/libvirt), named "<lab>-<host>", booted directly on a kernel artifact
+with the lab's own initramfs. Readiness is announced through the host's state
+share (a `ready` file), then confirmed over SSH.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from lab.domains import LabHostDomain, SharedDir, labhost_xml
+from lab.errors import LabError
+from lab.hosts import LABHOST_INIT, LABHOST_INITRAMFS, HostRuntime, NestedHost, outer_accel, outer_libvirt
+from lab.initramfs import InitramfsSpec, cached_initramfs
+from lab.paths import LabPaths
+from lab.remote import free_loopback_port
+
+Progress = Callable[[str, float | None], None]
+
+# What the lab host's initramfs must load before it can reach its root.
+LABHOST_MODULES = ("9p", "9pnet_virtio", "overlay")
+
+
+@dataclass(frozen=True)
+class KernelBoot:
+    """The parts of a kernel artifact a lab host boots from."""
+
+    recipe: str
+    key: str
+    vmlinuz: Path
+    modules_root: Path  # holds lib/modules/<release>
+    release: str
+    module_srcversions: dict[str, str]
+
+    @classmethod
+    def from_artifact(cls, art) -> "KernelBoot":
+        """From lab.kernel.KernelArtifact (duck-typed to keep this module light)."""
+        return cls(art.recipe, art.key, Path(art.vmlinuz), Path(art.modules_root), art.release, dict(art.module_srcversions))
+
+
+def _noop(step: str, fraction: float | None) -> None:
+    pass
+
+
+def find_host(paths: LabPaths, name: str, key: Path, command_timeout: float = 120.0) -> NestedHost | None:
+    """The running lab host `name`, or None when it is not up."""
+    rt = HostRuntime.load(paths.host_runtime(name))
+    if rt is None or rt.domain is None:
+        return None
+    conn = outer_libvirt()
+    try:
+        dom = conn.lookupByName(rt.domain)
+        if not dom.isActive():
+            return None
+    except Exception:
+        return None
+    finally:
+        conn.close()
+    return NestedHost(name=name, runtime=rt, key=key, state_dir=paths.host_dir(name), command_timeout=command_timeout)
+
+
+def boot_host(
+    paths: LabPaths,
+    name: str,
+    kernel: KernelBoot,
+    vcpus: int,
+    memory_mib: int,
+    key_private: Path,
+    key_public_text: str,
+    ssh_port: int = 0,
+    boot_timeout: float = 300.0,
+    command_timeout: float = 120.0,
+    progress: Progress = _noop,
+) -> NestedHost:
+    """Boot lab host `name` on `kernel` and return it once SSH answers.
+
+    A host already running on the same kernel artifact is reused; one on
+    another kernel is destroyed first. On failure the VM is destroyed and the
+    console log's tail is in the error.
+    """
+    existing = find_host(paths, name, key_private, command_timeout)
+    if existing is not None:
+        if existing.runtime.kernel_key == kernel.key:
+            return existing
+        destroy_host(paths, name)
+
+    state = paths.host_dir(name)
+    (state / "guests").mkdir(parents=True, exist_ok=True)
+    for stale in ("ready", "ready.tmp"):
+        (state / stale).unlink(missing_ok=True)
+    (state / "authorized_keys").write_text(key_public_text.strip() + "\n")
+    os.chmod(state / "authorized_keys", 0o600)
+
+    progress(f"{name}: initramfs", None)
+    modules_dir = kernel.modules_root / "lib" / "modules" / kernel.release
+    initrd = cached_initramfs(
+        InitramfsSpec(modules_dir, LABHOST_MODULES, LABHOST_INITRAMFS.read_text()), paths.initrd_dir, f"labhost-{kernel.key[:12]}"
+    )
+    port = ssh_port or free_loopback_port()
+    accel = outer_accel()
+    domain = paths.domain_name(name)
+    console = paths.host_console(name)
+    console.write_text("")
+    cmdline = " ".join(
+        [
+            "console=ttyS0",
+            "panic=-1",
+            "quiet",
+            "loglevel=4",
+            # TCG has no reliable TSC; this saves seconds of calibration noise.
+            "tsc=unstable",
+            f"lab.hostname={name}",
+            f"lab.init={LABHOST_INIT}",
+            f"lab.overlay_size={max(512, memory_mib // 2)}M",
+        ]
+    )
+    xml = labhost_xml(
+        LabHostDomain(
+            name=domain,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            kernel=kernel.vmlinuz,
+            initrd=initrd,
+            cmdline=cmdline,
+            console_log=console,
+            ssh_port=port,
+            shares=(
+                SharedDir(Path("/"), "labroot"),
+                SharedDir(kernel.modules_root / "lib" / "modules", "labkernel"),
+                SharedDir(state, "labstate", readonly=False),
+            ),
+            accel=accel,
+        )
+    )
+    rt = HostRuntime(
+        name=name,
+        provider="nested",
+        domain=domain,
+        ssh_port=port,
+        kernel_recipe=kernel.recipe,
+        kernel_key=kernel.key,
+        kernel_release=kernel.release,
+        accel=accel,
+        started_at=time.time(),
+        module_srcversions=kernel.module_srcversions,
+    )
+    rt.save(paths.host_runtime(name))
+    conn = outer_libvirt()
+    try:
+        progress(f"{name}: booting {kernel.recipe} ({kernel.release}, {accel})", None)
+        try:
+            conn.createXML(xml, 0)
+        except Exception as e:
+            raise LabError(f"lab host {name}: libvirt refused to start it: {e}") from None
+    finally:
+        conn.close()
+
+    host = NestedHost(name=name, runtime=rt, key=key_private, state_dir=state, command_timeout=command_timeout)
+    try:
+        _wait_ready(paths, host, boot_timeout, progress)
+    except BaseException:
+        destroy_host(paths, name)
+        raise
+    return host
+
+
+def _console_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no console log)"
+
+
+def _wait_ready(paths: LabPaths, host: NestedHost, timeout: float, progress: Progress) -> None:
+    t0 = time.monotonic()
+    ready = paths.host_dir(host.name) / "ready"
+    console = paths.host_console(host.name)
+    while not ready.exists():
+        if time.monotonic() - t0 > timeout:
+            raise LabError(f"lab host {host.name} did not come up in {timeout:.0f}s; console:\n{_console_tail(console)}")
+        text = console.read_text(errors="replace") if console.exists() else ""
+        if "LAB-HOST-FAILED" in text or "Kernel panic" in text:
+            raise LabError(f"lab host {host.name} failed to boot; console:\n{_console_tail(console)}")
+        if find_host(paths, host.name, host.key) is None:
+            raise LabError(f"lab host {host.name} stopped while booting; console:\n{_console_tail(console)}")
+        progress(f"{host.name}: booting ({time.monotonic() - t0:.0f}s)", None)
+        time.sleep(0.5)
+    progress(f"{host.name}: waiting for SSH", None)
+    last = ""
+    while True:
+        res = host.run(["true"], timeout=60, check=False)
+        if res.rc == 0:
+            return
+        last = res.stderr.strip()
+        if time.monotonic() - t0 > timeout:
+            raise LabError(f"lab host {host.name}: SSH on 127.0.0.1:{host.runtime.ssh_port} does not answer: {last}")
+        time.sleep(1)
+
+
+def destroy_host(paths: LabPaths, name: str) -> bool:
+    """Destroy lab host `name` (idempotent); True when a VM was stopped."""
+    import libvirt
+
+    conn = outer_libvirt()
+    stopped = False
+    try:
+        try:
+            dom = conn.lookupByName(paths.domain_name(name))
+            if dom.isActive():
+                dom.destroy()
+                stopped = True
+            if dom.isPersistent():
+                dom.undefine()
+        except libvirt.libvirtError:
+            pass
+    finally:
+        conn.close()
+    paths.host_runtime(name).unlink(missing_ok=True)
+    (paths.host_dir(name) / "ready").unlink(missing_ok=True)
+    return stopped
+
+
+def lab_domains(prefix: str) -> list[str]:
+    """Names of this machine's libvirt domains that belong to lab `prefix`."""
+    conn = outer_libvirt()
+    try:
+        return sorted(d.name() for d in conn.listAllDomains() if d.name().startswith(prefix + "-"))
+    finally:
+        conn.close()
