@@ -45,7 +45,7 @@ class HostProbe:
     vhost_net: bool
     tun: bool
     netem: bool
-    modules: dict[str, str]  # loaded module -> srcversion (tun, tap, vhost, vhost_net)
+    modules: dict[str, str]  # loaded module -> GNU build-id (tun, tap, vhost, vhost_net)
     nodrop: bool | None  # patched tun present (None: unknown)
     cpu_model: str = "?"
     kernel_recipe: str | None = None
@@ -76,7 +76,7 @@ class HostRuntime:
     kernel_release: str | None
     accel: str
     started_at: float
-    module_srcversions: dict[str, str]
+    module_build_ids: dict[str, str]
 
     def save(self, path: Path) -> None:
         """Write atomically."""
@@ -91,6 +91,13 @@ class HostRuntime:
             return cls(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             return None
+
+
+def quiet_libvirt() -> None:
+    """Stop libvirt-python printing every error to stderr; the lab reports them itself."""
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 
 class Host:
@@ -117,6 +124,7 @@ class Host:
         if conn is None:
             import libvirt
 
+            quiet_libvirt()
             try:
                 conn = libvirt.open(self.libvirt_uri())
             except libvirt.libvirtError as e:
@@ -321,7 +329,7 @@ class NestedHost(Host):
 
     def probe(self) -> HostProbe:
         p = super().probe()
-        built = self.runtime.module_srcversions or {}
+        built = self.runtime.module_build_ids or {}
         match = None
         if built:
             match = all(p.modules.get(m) == v for m, v in built.items() if m in p.modules) and all(m in p.modules for m in built)
@@ -342,6 +350,7 @@ def outer_libvirt():
     """A connection to this machine's libvirtd, started first if we may."""
     import libvirt
 
+    quiet_libvirt()
     ensure_local_daemons()
     try:
         return libvirt.open("qemu:///system")

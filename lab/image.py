@@ -250,7 +250,7 @@ def load_recipe(path: Path) -> ImageRecipe:
         if not _SSHD_KEY.match(k):
             raise err(f"sshd.{k}", "is not an sshd_config keyword")
         if isinstance(v, bool) or not isinstance(v, (str, int)):
-            raise err(f"sshd.{k}", f"must be a string (e.g. \"yes\"), not {type(v).__name__}")
+            raise err(f"sshd.{k}", f'must be a string (e.g. "yes"), not {type(v).__name__}')
         v = str(v)
         if not v.strip() or any(c in v for c in "\n\r\0#"):
             raise err(f"sshd.{k}", "must be a non-empty single line without '#'")
@@ -277,7 +277,7 @@ def load_recipe(path: Path) -> ImageRecipe:
             raise err(f"{kp}.dest", "must be a single line")
         mode = f.get("mode", "0644")
         if not isinstance(mode, str) or not _MODE.match(mode):
-            raise err(f"{kp}.mode", f"{mode!r} must be an octal string like \"0644\"")
+            raise err(f"{kp}.mode", f'{mode!r} must be an octal string like "0644"')
         files.append(FileSpec(_recipe_file(path, src, err, f"{kp}.src"), dest, int(mode, 8)))
 
     return ImageRecipe(
@@ -583,7 +583,7 @@ def _build_in(
         raw.rename(out)
     os.chmod(out, 0o444)  # the shared base: guests write to their own overlays
 
-    built_at = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    built_at = _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
     manifest = {
         "name": recipe.name,
         "key": key,
@@ -667,7 +667,13 @@ def _run_logged(argv: list[str], log: Path, deadline: float, timeout: float, rep
                         if needle in line:
                             report(f"bootstrap: {step}", frac)
                             break
-            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            try:
+                rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise LabError(
+                    f"image build timed out after {timeout:.0f} s (mmdebstrap did not exit)",
+                    hint="raise timeouts.build in lab.toml",
+                ) from None
         finally:
             if proc.poll() is None:
                 _end_group(proc)
@@ -676,16 +682,29 @@ def _run_logged(argv: list[str], log: Path, deadline: float, timeout: float, rep
 
 
 def _end_group(proc: subprocess.Popen[bytes]) -> None:
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """End mmdebstrap and everything it started (its own process group).
+
+    mmdebstrap defers SIGTERM until its current step is done (tens of seconds),
+    so it gets a short grace and then SIGKILL. That leaks nothing: in unshare
+    mode its mounts die with its mount namespace; in root mode _safe_rmtree
+    unmounts what is left below the staging directory.
+    """
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # also any child still in the group
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _run_step(argv: list[str], log: Path, deadline: float, what: str) -> None:
@@ -710,7 +729,9 @@ _NET_ERR = re.compile(
     r"|Network is unreachable|No route to host|Connection refused|Connection timed out|Cannot initiate the connection"
     r"|Unable to fetch some archives|Some index files failed to download)"
 )
-_NO_PKG = re.compile(r"(?:Unable to locate package |Package '?)([a-z0-9][a-z0-9+.-]+)'?(?: has no installation candidate)?")
+_NO_PKG = re.compile(
+    r"(?:Unable to locate package |Package '?)([a-z0-9][a-z0-9+.-]+)'?(?: has no installation candidate)?"
+)
 
 
 def _bootstrap_error(recipe: ImageRecipe, rc: int, tail: list[str], failed_log: Path) -> LabError:

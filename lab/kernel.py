@@ -52,7 +52,7 @@ USR_SRC = Path("/usr/src")
 MANIFEST = "manifest.json"
 BUILD_LOG = "build.log"
 # Bumped when the builder changes what it produces, so old artifacts are not reused.
-BUILDER_FORMAT = 1
+BUILDER_FORMAT = 2
 LOG_TAIL_LINES = 30
 
 # The modules a lab host kernel must carry, whose srcversions tell stock from patched.
@@ -428,10 +428,47 @@ class _Builder:
         }
         (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
+    def _check_modules_prerequisites(self) -> None:
+        """Fail before the download if something the build will need is absent."""
+        plan = self.plan
+        assert plan.release and plan.debian_version and plan.source_tarball and plan.headers_dir
+        tools = ["dpkg-deb", "depmod", "modinfo"]
+        if plan.patches:
+            tools += ["tar", "xz", "patch", "make", "gcc", "strip"]
+        for tool in tools:
+            if shutil.which(tool) is None:
+                raise MissingPiece(f"{tool} is not installed", hint="apt-get install build-essential kmod xz-utils patch")
+        if not plan.patches:
+            return
+        # Only what the four modules are built from may change: anything else a
+        # patch touches would not make it into the running kernel.
+        for patch in plan.patches:
+            existing, created = touched_paths(patch)
+            outside = sorted((existing | created) - set(MODULE_BUILD_FILES))
+            if outside:
+                raise LabError(
+                    f"patch {patch.name} changes {', '.join(outside[:3])}, which the \"modules\" strategy "
+                    f"does not rebuild (only {', '.join(LAB_MODULES)} are)",
+                    hint=f'set kernels.{self.recipe.name}.strategy = "full"',
+                )
+        package = plan.source_tarball.name.removesuffix(".tar.xz")
+        install = f"apt-get install {package} linux-headers-{plan.release}"
+        if not plan.source_tarball.is_file():
+            raise MissingPiece(f"kernel source {plan.source_tarball} is missing", hint=install)
+        have = _query(["dpkg-query", "-W", "-f", "${Version}", package]).strip()
+        if have and have != plan.debian_version:
+            raise MissingPiece(
+                f"{package} is version {have}, the recipe wants {plan.debian_version}",
+                hint=f"apt-get install {package}={plan.debian_version}",
+            )
+        if not (plan.headers_dir / "Module.symvers").is_file():
+            raise MissingPiece(f"kernel headers {plan.headers_dir} are missing", hint=install)
+
     def _build_modules(self) -> tuple[str, Path, dict[str, str]]:
         plan = self.plan
         assert plan.release and plan.debian_version
         release = plan.release
+        self._check_modules_prerequisites()
         deb = self._fetch_image(release, plan.debian_version)
         self.say(f"{self.recipe.name}: unpacking {deb.name}", 0.1)
         self._run(["dpkg-deb", "-x", str(deb), str(self.root)], "dpkg-deb -x")
@@ -439,7 +476,7 @@ class _Builder:
         vmlinuz = self.root / "boot" / f"vmlinuz-{release}"
         if not vmlinuz.is_file() or not moddir.is_dir():
             raise LabError(f"{deb.name} does not hold boot/vmlinuz-{release} and lib/modules/{release}")
-        stock = {name: self._find_module(moddir, name) for name in LAB_MODULES}
+        stock = {name: self._module_path(moddir, name) for name in LAB_MODULES}
 
         if plan.patches:
             built = self._rebuild_lab_modules(release, stock)
@@ -457,28 +494,7 @@ class _Builder:
     def _rebuild_lab_modules(self, release: str, stock: dict[str, Path]) -> dict[str, Path]:
         plan = self.plan
         assert plan.source_tarball and plan.headers_dir
-        if not plan.source_tarball.is_file():
-            raise MissingPiece(
-                f"kernel source {plan.source_tarball} is missing",
-                hint=f"apt-get install {plan.source_tarball.name.removesuffix('.tar.xz')} linux-headers-{release}",
-            )
-        if not (plan.headers_dir / "Module.symvers").is_file():
-            raise MissingPiece(
-                f"kernel headers {plan.headers_dir} are missing",
-                hint=f"apt-get install {plan.source_tarball.name.removesuffix('.tar.xz')} linux-headers-{release}",
-            )
-        # Only what the four modules are built from may change: anything else a
-        # patch touches would not make it into the running kernel.
         wanted = set(MODULE_BUILD_FILES)
-        for patch in plan.patches:
-            existing, created = touched_paths(patch)
-            outside = sorted((existing | created) - wanted)
-            if outside:
-                raise LabError(
-                    f"patch {patch.name} changes {', '.join(outside[:3])}, which the \"modules\" strategy "
-                    f"does not rebuild (only {', '.join(LAB_MODULES)} are)",
-                    hint=f'set kernels.{self.recipe.name}.strategy = "full"',
-                )
         src = self.staging / "src"
         self.say(f"{self.recipe.name}: extracting {len(wanted)} files from {plan.source_tarball.name}", 0.2)
         self._extract(plan.source_tarball, src, sorted(wanted))
@@ -499,12 +515,14 @@ class _Builder:
         )
         built = {name: build / f"{name}.ko" for name in LAB_MODULES}
         want = self._modinfo("vermagic", stock["tun"])
-        for name, ko in built.items():
+        for ko in built.values():
             if not ko.is_file():
                 raise LabError(f"module build produced no {ko.name}{self._tail()}")
             got = self._modinfo("vermagic", ko)
             if got != want:
                 raise LabError(f"{ko.name} has vermagic {got!r}, the image's modules have {want!r}")
+            # As Debian's own (INSTALL_MOD_STRIP=1): debug info would make them ten times bigger.
+            self._run(["strip", "--strip-debug", str(ko)], f"strip {ko.name}")
         return built
 
     def _build_full(self) -> tuple[str, Path, dict[str, str]]:
@@ -536,10 +554,12 @@ class _Builder:
             )
         self._run(["make", "-C", str(src), "olddefconfig"], "make olddefconfig")
         self._check_config(src / ".config")
-        release = self._query_make(src, "kernelrelease")
 
-        self.say(f"{self.recipe.name}: compiling {release} (bzImage modules, -j{_jobs()})", 0.08)
+        self.say(f"{self.recipe.name}: compiling (bzImage modules, -j{_jobs()})", 0.08)
         self._run(["make", "-C", str(src), f"-j{_jobs()}", "bzImage", "modules"], "kernel build", count_objects=True)
+        # Only now: CONFIG_LOCALVERSION reaches kernelrelease through
+        # include/config/auto.conf, which the build writes.
+        release = self._query_make(src, "kernelrelease")
         self.say(f"{self.recipe.name}: installing modules", 0.95)
         self._run(
             ["make", "-C", str(src), "modules_install", f"INSTALL_MOD_PATH={self.root}", "INSTALL_MOD_STRIP=1"],
@@ -555,7 +575,7 @@ class _Builder:
             (moddir / link).unlink(missing_ok=True)
         srcversions = {}
         for name in LAB_MODULES:
-            path = self._find_module(moddir, name, required=False)
+            path = self._find_module(moddir, name)
             srcversions[name] = self._srcversion(path) if path else "builtin"
         shutil.rmtree(src, ignore_errors=True)
         return release, vmlinuz, srcversions
@@ -623,10 +643,10 @@ class _Builder:
             self.say(f"{self.recipe.name}: applying {patch.name} ({i}/{len(self.plan.patches)})", None)
             reject = self.staging / f"{patch.name}.rej"
             argv = [
-                "patch", "-p1", "--batch", "--forward", "--no-backup-if-mismatch",
+                "patch", "-p1", "--batch", "--forward", "--fuzz=0", "--no-backup-if-mismatch",
                 "-d", str(src), "-r", str(reject), "-i", str(patch),
             ]
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=self._remaining())
+            proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=self._remaining())
             self._log(f"$ {' '.join(argv)}\n{proc.stdout}{proc.stderr}")
             if proc.returncode != 0:
                 hunk = reject.read_text(errors="replace").strip() if reject.is_file() else ""
@@ -658,26 +678,30 @@ class _Builder:
             self._log("config options not honoured: " + ", ".join(missing))
             self.say(f"{self.recipe.name}: {len(missing)} config option(s) not honoured: {', '.join(missing[:5])}", None)
 
-    def _find_module(self, moddir: Path, name: str, required: bool = True) -> Path | None:
+    def _find_module(self, moddir: Path, name: str) -> Path | None:
         for suffix in (".ko.xz", ".ko", ".ko.zst", ".ko.gz"):
             hits = [p for p in moddir.rglob(f"{name}{suffix}") if "/kernel/" in str(p)]
             if hits:
                 return hits[0]
-        if required:
-            raise LabError(f"module {name} is not in {moddir}")
         return None
+
+    def _module_path(self, moddir: Path, name: str) -> Path:
+        path = self._find_module(moddir, name)
+        if path is None:
+            raise LabError(f"module {name} is not in {moddir}")
+        return path
 
     def _srcversion(self, module: Path) -> str:
         return self._modinfo("srcversion", module)
 
     def _modinfo(self, fieldname: str, module: Path) -> str:
-        proc = subprocess.run(["modinfo", "-F", fieldname, str(module)], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(["modinfo", "-F", fieldname, str(module)], check=False, capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
             raise LabError(f"modinfo {module} failed: {proc.stderr.strip()}")
         return proc.stdout.strip()
 
     def _query_make(self, src: Path, target: str) -> str:
-        proc = subprocess.run(["make", "-s", "-C", str(src), target], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(["make", "-s", "-C", str(src), target], check=False, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0 or not proc.stdout.strip():
             raise LabError(f"make {target} failed: {proc.stderr.strip()[-500:]}")
         return proc.stdout.strip().splitlines()[-1]
@@ -705,7 +729,7 @@ class _Builder:
         The whole process group is killed on timeout and on KeyboardInterrupt.
         """
         remaining = self._remaining()
-        self._log(f"$ {' '.join(argv)}")
+        self._log(f"[+{time.monotonic() - self.started:.1f}s] $ {' '.join(argv)}")
         tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         objects = 0
         timed_out = threading.Event()
@@ -790,7 +814,7 @@ def _jobs() -> int:
 def _query(argv: list[str]) -> str:
     """stdout of a quick query command; "" when it fails or is absent."""
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return proc.stdout if proc.returncode == 0 else ""

@@ -36,12 +36,32 @@ class KernelBoot:
     vmlinuz: Path
     modules_root: Path  # holds lib/modules/<release>
     release: str
-    module_srcversions: dict[str, str]
+    module_build_ids: dict[str, str]
 
     @classmethod
     def from_artifact(cls, art) -> "KernelBoot":
         """From lab.kernel.KernelArtifact (duck-typed to keep this module light)."""
-        return cls(art.recipe, art.key, Path(art.vmlinuz), Path(art.modules_root), art.release, dict(art.module_srcversions))
+        root = Path(art.modules_root)
+        return cls(art.recipe, art.key, Path(art.vmlinuz), root, art.release, artifact_build_ids(root / "lib" / "modules" / art.release))
+
+
+def artifact_build_ids(modules_dir: Path) -> dict[str, str]:
+    """GNU build-ids of the lab's modules in an artifact, to compare with what a host loaded."""
+    from lab.probe import LAB_MODULES, module_file_build_id
+
+    out: dict[str, str] = {}
+    try:
+        lines = (modules_dir / "modules.dep").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        rel = line.split(":", 1)[0]
+        name = Path(rel).name.split(".ko")[0]
+        if name in LAB_MODULES:
+            bid = module_file_build_id(modules_dir / rel)
+            if bid:
+                out[name] = bid
+    return out
 
 
 def _noop(step: str, fraction: float | None) -> None:
@@ -148,7 +168,7 @@ def boot_host(
         kernel_release=kernel.release,
         accel=accel,
         started_at=time.time(),
-        module_srcversions=kernel.module_srcversions,
+        module_build_ids=kernel.module_build_ids,
     )
     rt.save(paths.host_runtime(name))
     conn = outer_libvirt()

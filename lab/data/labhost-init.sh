@@ -29,6 +29,10 @@ ip link set lo up
 for m in virtio_net kvm_amd kvm_intel tun tap vhost vhost_net sch_netem drop_monitor virtio_rng; do
     modprobe "$m" 2>/dev/null && say "modprobe $m"
 done
+# No udev here: give the device nodes the modes udev would, or libvirt deems
+# KVM unusable for its qemu user and re-probes QEMU on every domain start.
+chmod 0666 /dev/kvm /dev/net/tun 2>/dev/null
+chmod 0660 /dev/vhost-net 2>/dev/null
 ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
 
@@ -49,9 +53,15 @@ ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key
 for d in /etc/libvirt/qemu /etc/libvirt/qemu/networks /etc/libvirt/storage; do
     [ -d "$d" ] && mount -t tmpfs tmpfs "$d"
 done
+# libvirtd probes QEMU's capabilities before its first domain: tens of
+# seconds under TCG. The result is kept in the host's state share across
+# boots (libvirt revalidates it itself), and warmed up in the background now.
+mkdir -p "$STATE/libvirt-capabilities" /var/cache/libvirt/qemu/capabilities
+mount --bind "$STATE/libvirt-capabilities" /var/cache/libvirt/qemu/capabilities
 virtlogd -d
 libvirtd -d
 for i in $(seq 1 100); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.2; done
+virsh -q -c qemu:///system domcapabilities --virttype kvm >/dev/null 2>&1 &
 
 {
     echo "release=$(uname -r)"

@@ -59,7 +59,7 @@ def debugfs(raw: Path, cmd: str) -> str:
 def inode(raw: Path, path: str) -> tuple[str, int, int, int]:
     """(type, mode, uid, gid) of a path in the image (symlinks are not followed)."""
     out = debugfs(raw, f"stat {path}")
-    m = re.search(r"Type: (\w+)\s+Mode:\s+(\d+)", out)
+    m = re.search(r"Type: (.+?)\s+Mode:\s+(\d+)", out)
     u = re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", out)
     assert m and u, f"{path} not in the image:\n{out}"
     return m.group(1), int(m.group(2), 8), int(u.group(1)), int(u.group(2))
@@ -111,8 +111,8 @@ def test_image_content(built, raw: Path) -> None:
         assert inode(raw, exe)[0] in ("regular", "symlink"), exe
     assert inode(raw, "/usr/bin/su") == ("regular", 0o4755, 0, 0)  # setuid survives mke2fs -d
     assert inode(raw, "/tmp") == ("directory", 0o1777, 0, 0)
-    assert inode(raw, "/dev/console")[0] == "character"
-    assert inode(raw, "/dev/null")[0] == "character"
+    assert inode(raw, "/dev/console")[0] == "character special"
+    assert inode(raw, "/dev/null")[0] == "character special"
 
     assert debugfs(raw, "cat /etc/hostname").strip() == "guest"
     assert "nameserver" not in debugfs(raw, "cat /etc/resolv.conf")

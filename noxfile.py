@@ -1,0 +1,106 @@
+"""nox sessions: tests, vhost-matrix, kernel-full, lint.
+
+Each session installs what it needs itself (Debian packages as root, the lab
+from this tree in the session's venv) and starts libvirt's daemons when they
+are not running, so nothing depends on what an earlier session left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+# Debian packages the lab uses on this machine (and, through the shared root,
+# inside its nested lab hosts).
+DEBIAN_PACKAGES = [
+    # VMs
+    "qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "libvirt-clients",
+    # building libvirt-python
+    "libvirt-dev", "pkg-config", "gcc",
+    # traffic, access, networking
+    "iperf3", "openssh-server", "openssh-client", "iproute2", "ethtool", "kmod",
+    # guest images and initramfs
+    "mmdebstrap", "e2fsprogs", "busybox-static", "xz-utils",
+    # kernel artifacts: Debian's 6.12.117 and the module build
+    "linux-source-6.12", "linux-headers-6.12.117+deb12-amd64", "make", "bc", "flex", "bison",
+    "libelf-dev", "libssl-dev", "dwarves",
+]  # fmt: skip
+
+
+def _missing_debian(packages: list[str]) -> list[str]:
+    out = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Package} ${db:Status-Status}\n", *packages], capture_output=True, text=True
+    )
+    installed = {ln.split()[0] for ln in out.stdout.splitlines() if ln.endswith(" installed")}
+    return [p for p in packages if p not in installed]
+
+
+def install_debian(session: nox.Session, packages: list[str] = DEBIAN_PACKAGES) -> None:
+    """apt-get install what is missing (root only; otherwise say what to run)."""
+    missing = _missing_debian(packages)
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        session.error(f"missing Debian packages: {' '.join(missing)}; run as root: apt-get install -y {' '.join(missing)}")
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.log(f"apt-get install {' '.join(missing)}")
+    # Package lists may be absent on a fresh machine; update once, then install.
+    session.run("apt-get", "update", "-qq", external=True, env=env)
+    session.run("apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing, external=True, env=env)
+
+
+def start_daemons(session: nox.Session) -> None:
+    """Start virtlogd and libvirtd when they are not running (no systemd here)."""
+    for daemon in ("virtlogd", "libvirtd"):
+        if subprocess.run(["pgrep", "-x", daemon], capture_output=True).returncode != 0:
+            session.log(f"starting {daemon}")
+            session.run(shutil.which(daemon) or f"/usr/sbin/{daemon}", "-d", external=True)
+    for _ in range(100):
+        if os.path.exists("/run/libvirt/libvirt-sock"):
+            return
+        time.sleep(0.1)
+
+
+def prepare(session: nox.Session) -> None:
+    """Debian packages, daemons, the lab itself (editable: lab hosts run this tree)."""
+    install_debian(session)
+    start_daemons(session)
+    session.install("-e", ".[test]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Unit, integration and end-to-end tests, then the smoke matrix (what CI runs)."""
+    prepare(session)
+    args = session.posargs or ["tests", "-m", "not matrix"]
+    session.run("pytest", *args)
+    if not session.posargs:
+        session.run("pytest", "tests/matrix", "--profile", "smoke", "-p", "no:cacheprovider")
+
+
+@nox.session(name="vhost-matrix")
+def vhost_matrix(session: nox.Session) -> None:
+    """The stock-vs-nodrop matrix (default: all of it). Args: --profile smoke, --keep, --resume RUN."""
+    prepare(session)
+    session.run("pytest", "tests/matrix", "-p", "no:cacheprovider", *session.posargs)
+
+
+@nox.session(name="kernel-full")
+def kernel_full(session: nox.Session) -> None:
+    """Build the nodrop kernel as a full bzImage, boot it as a lab host, run the drop test."""
+    prepare(session)
+    session.run("pytest", "tests/e2e/test_kernel_full.py", "-m", "kernel_full", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the tree."""
+    session.install("ruff")
+    session.run("ruff", "check", "lab", "tests", "noxfile.py")
