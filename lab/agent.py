@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev", type=devname, required=True)
     p.set_defaults(func=_counters)
 
+    p = verbs.add_parser("probe", help="what this kernel offers the lab (lab.probe)")
+    p.set_defaults(func=_probe)
+
     p = verbs.add_parser("tcp-counters", help="Tcp RetransSegs/OutSegs of the namespace")
     p.set_defaults(func=_tcp_counters)
 
@@ -145,6 +148,12 @@ def _netem(args: argparse.Namespace) -> dict[str, Any]:
 
 def _counters(args: argparse.Namespace) -> dict[str, Any]:
     return asdict(net.read_counters(args.dev, args.netns))
+
+
+def _probe(args: argparse.Namespace) -> dict[str, Any]:
+    from lab.probe import probe_kernel
+
+    return probe_kernel().to_dict()
 
 
 def _tcp_counters(args: argparse.Namespace) -> dict[str, Any]:
@@ -209,16 +218,49 @@ def _stream(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one verb; print one JSON object; 0 on success, 1 on any error."""
+def run_verb(argv: list[str]) -> tuple[dict[str, Any], int]:
+    """One verb's JSON reply and exit status (0 ok, 1 error)."""
     try:
         args = build_parser().parse_args(argv)
-        out = args.func(args)
+        return args.func(args), 0
     except Exception as exc:  # noqa: BLE001 - the contract: every error is one JSON object
-        print(json.dumps({"error": str(exc) or type(exc).__name__, "type": type(exc).__name__}))
-        return 1
-    print(json.dumps(out))
+        return {"error": str(exc) or type(exc).__name__, "type": type(exc).__name__}, 1
+
+
+def serve(stdin: Any = None, stdout: Any = None) -> int:
+    """`python -m lab.agent serve`: one verb per input line (a JSON argv list), one JSON reply per line.
+
+    Under TCG, starting Python and importing pyroute2 on a lab host costs
+    seconds; a session keeps one agent per host for all of a run's calls.
+    """
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    for line in stdin:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            argv = json.loads(line)
+            if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+                raise ValueError("a request is a JSON list of strings")
+            if argv[:1] == ["serve"]:
+                raise ValueError("serve cannot be nested")
+            reply, _ = run_verb(argv)
+        except ValueError as exc:
+            reply = {"error": f"bad request: {exc}", "type": "UsageError"}
+        stdout.write(json.dumps(reply) + "\n")
+        stdout.flush()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one verb; print one JSON object; 0 on success, 1 on any error."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return serve()
+    out, rc = run_verb(argv)
+    print(json.dumps(out))
+    return rc
 
 
 if __name__ == "__main__":

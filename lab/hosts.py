@@ -147,19 +147,45 @@ class Host:
         # and the same source tree are there.
         return ["env", f"PYTHONPATH={REPO_ROOT}", sys.executable]
 
-    def agent(self, args: list[str], timeout: float | None = None, module: str = "lab.agent") -> dict:
-        """Run `python -m lab.agent ARGS` on the host and return its JSON."""
-        res = self.run(self.python() + ["-m", module, *args], timeout=timeout, check=False)
+    def agent(self, args: list[str], timeout: float | None = None) -> dict:
+        """Run one lab agent verb on the host and return its JSON reply.
+
+        Calls go to one long-lived `python -m lab.agent serve` per host (a
+        Python start on a TCG lab host costs seconds); a session that died
+        or timed out is replaced on the next call.
+        """
+        limit = timeout if timeout is not None else 120.0
+        session = getattr(self, "_agent_session", None)
+        if session is None or not session.alive():
+            session = self._agent_session = self._open_agent()
         try:
-            data = json.loads(res.stdout.strip().splitlines()[-1]) if res.stdout.strip() else {}
-        except ValueError:
-            data = {}
-        if res.rc != 0 or "error" in data:
-            msg = data.get("error") or (res.stderr.strip().splitlines() or [f"exit {res.rc}"])[-1]
-            if res.rc == 255:
-                raise HostGone(f"lab host {self.name} does not answer: {msg}")
-            raise LabError(f"{self.name}: {module} {' '.join(args[:1])}: {msg}")
+            data = session.call(args, limit)
+        except HostGone:
+            raise
+        except (OSError, TimeoutError, EOFError, ValueError) as e:
+            session.close()
+            self._agent_session = None
+            if isinstance(e, TimeoutError):
+                raise LabError(f"{self.name}: lab agent {args[0]} did not answer in {limit:.0f}s") from None
+            if not self._answers():
+                raise HostGone(f"lab host {self.name} does not answer ({type(e).__name__}: {e})") from None
+            raise LabError(f"{self.name}: lab agent {args[0]}: {type(e).__name__}: {e}") from None
+        if "error" in data:
+            raise LabError(f"{self.name}: lab agent {args[0]}: {data['error']}")
         return data
+
+    def _answers(self) -> bool:
+        return self.run(["true"], timeout=30, check=False).rc == 0
+
+    def _open_agent(self) -> "AgentSession":
+        """Start `python -m lab.agent serve` on the host."""
+        raise NotImplementedError
+
+    def _close_agent(self) -> None:
+        session = getattr(self, "_agent_session", None)
+        self._agent_session = None
+        if session is not None:
+            session.close()
 
     def guest_dir(self) -> str:
         """Directory on the host for guest disks and initrds."""
@@ -175,7 +201,7 @@ class Host:
 
     def probe(self) -> HostProbe:
         """Ask the host what its kernel offers."""
-        data = self.agent([], module="lab.probe")
+        data = self.agent(["probe"])
         return HostProbe(
             name=self.name,
             provider=self.provider,
@@ -192,6 +218,7 @@ class Host:
 
     def close(self) -> None:
         """Release connections."""
+        self._close_agent()
         self._close_libvirt()
 
 
@@ -217,6 +244,9 @@ class LocalHost(Host):
 
     def libvirt_uri(self) -> str:
         return "qemu:///system"
+
+    def _open_agent(self) -> "AgentSession":
+        return AgentSession.local(self.python() + ["-m", "lab.agent", "serve"])
 
     def local_guest_log(self, guest: str) -> Path | None:
         return Path(self.guest_log(guest))
@@ -262,8 +292,12 @@ class SshHost(Host):
         return self._runner.endpoint
 
     def close(self) -> None:
+        self._close_agent()
         self._close_libvirt()
         self._runner.close()
+
+    def _open_agent(self) -> "AgentSession":
+        return AgentSession.over_ssh(self._runner, self.python() + ["-m", "lab.agent", "serve"])
 
 
 @dataclass
@@ -336,9 +370,89 @@ class NestedHost(Host):
         return HostProbe(**{**asdict(p), "accel": self.runtime.accel, "kernel_recipe": self.runtime.kernel_recipe, "modules_match": match})
 
     def close(self) -> None:
+        self._close_agent()
         self._close_libvirt()
         self._stop_forwarder()
         self._runner.close()
+
+    def _open_agent(self) -> "AgentSession":
+        return AgentSession.over_ssh(self._runner, self.python() + ["-m", "lab.agent", "serve"])
+
+
+class AgentSession:
+    """One `lab.agent serve` process on a host: JSON argv lines in, JSON replies out."""
+
+    def __init__(self, send, readline, set_timeout, closer, alive) -> None:
+        self._send, self._readline, self._set_timeout, self._closer, self._alive = send, readline, set_timeout, closer, alive
+
+    @classmethod
+    def over_ssh(cls, runner: SshRunner, argv: list[str]) -> "AgentSession":
+        """Start the agent through an SSH runner's connection."""
+        conn = runner._connection()
+        conn.open()
+        chan = conn.client.get_transport().open_session()
+        chan.exec_command(quote_argv(argv))
+        rfile = chan.makefile("r")
+        wfile = chan.makefile_stdin("w")
+
+        def send(line: str) -> None:
+            wfile.write(line)
+            wfile.flush()
+
+        return cls(send, rfile.readline, chan.settimeout, chan.close, lambda: not chan.closed and not chan.exit_status_ready())
+
+    @classmethod
+    def local(cls, argv: list[str]) -> "AgentSession":
+        """Start the agent as a local process."""
+        import selectors
+
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        state = {"timeout": None}
+
+        def send(line: str) -> None:
+            proc.stdin.write(line)
+            proc.stdin.flush()
+
+        def readline() -> str:
+            sel = selectors.DefaultSelector()
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            if not sel.select(state["timeout"]):
+                raise TimeoutError
+            return proc.stdout.readline()
+
+        def closer() -> None:
+            proc.kill()
+            proc.wait()
+
+        return cls(send, readline, lambda t: state.__setitem__("timeout", t), closer, lambda: proc.poll() is None)
+
+    def alive(self) -> bool:
+        """Whether the agent process is still there."""
+        try:
+            return bool(self._alive())
+        except Exception:
+            return False
+
+    def call(self, args: list[str], timeout: float) -> dict:
+        """Send one verb, wait at most `timeout` s for its reply."""
+        import socket
+
+        self._set_timeout(timeout)
+        self._send(json.dumps(list(args)) + "\n")
+        try:
+            line = self._readline()
+        except socket.timeout:
+            raise TimeoutError from None
+        if not line:
+            raise EOFError("the lab agent exited")
+        return json.loads(line)
+
+    def close(self) -> None:
+        """Stop the agent (closing its stdin ends it)."""
+        try:
+            self._closer()
+        except Exception:
+            pass
 
 
 # ---------------------------------------------------------------------------

@@ -120,7 +120,7 @@ class KernelArtifact:
     so a booted host can be checked against it through
     /sys/module/<name>/srcversion: "" when the module has none (Debian's stock
     tun and tap: no MODULE_VERSION; the lab's own builds always have one),
-    "builtin" when it is built into the kernel.
+    "builtin" when it is built into the kernel, "absent" when not configured.
     """
 
     recipe: str
@@ -573,10 +573,12 @@ class _Builder:
         moddir = self.root / "lib" / "modules" / release
         for link in ("build", "source"):  # point into the staging tree, which goes away
             (moddir / link).unlink(missing_ok=True)
+        builtin_file = moddir / "modules.builtin"
+        builtin = {Path(line).name.split(".ko")[0] for line in builtin_file.read_text().split()} if builtin_file.is_file() else set()
         srcversions = {}
         for name in LAB_MODULES:
             path = self._find_module(moddir, name)
-            srcversions[name] = self._srcversion(path) if path else "builtin"
+            srcversions[name] = self._srcversion(path) if path else ("builtin" if name in builtin else "absent")
         shutil.rmtree(src, ignore_errors=True)
         return release, vmlinuz, srcversions
 
