@@ -78,10 +78,11 @@ def cmd_config(args) -> int:
 
 def cmd_up(args) -> int:
     """Build what is missing, boot hosts and guests, wait for SSH, show status."""
-    from lab.lifecycle import up
+    from lab.lifecycle import select, up
 
     console = _console()
     ctx = _context(args)
+    select(ctx.cfg, args.names)  # a name typo is refused before anything starts (and is cleaned up)
     t0 = time.monotonic()
     try:
         with _Progress(console) as progress:

@@ -154,9 +154,12 @@ def guest_plan(ctx: LabContext, spec: GuestSpec, backend: str | None = None, txq
     )
 
 
-def up(ctx: LabContext, names: list[str], progress: Progress = _noop) -> list[RunningGuest]:
-    """Bring up guests `names` (hosts or guests; empty: all guests) and their hosts."""
-    cfg = ctx.cfg
+def select(cfg: LabConfig, names: list[str]) -> tuple[list[GuestSpec], list[str]]:
+    """The guests and the guest-less hosts `names` mean (empty: every guest).
+
+    LabError for a name lab.toml does not define; `lab up` calls this before
+    it starts anything, so a typo never triggers its cleanup of the lab.
+    """
     guests: list[GuestSpec] = []
     for n in names:
         if n in cfg.guests:
@@ -169,6 +172,13 @@ def up(ctx: LabContext, names: list[str], progress: Progress = _noop) -> list[Ru
     if not names:
         guests = list(cfg.guests.values())
     host_names = [n for n in names if n in cfg.hosts and not any(g.host == n for g in guests)]
+    return guests, host_names
+
+
+def up(ctx: LabContext, names: list[str], progress: Progress = _noop) -> list[RunningGuest]:
+    """Bring up guests `names` (hosts or guests; empty: all guests) and their hosts."""
+    cfg = ctx.cfg
+    guests, host_names = select(cfg, names)
     running: list[RunningGuest] = []
     for hn in dict.fromkeys([g.host for g in guests] + host_names):
         spec = cfg.hosts[hn]
