@@ -79,7 +79,7 @@ def prepare(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Unit, integration and end-to-end tests, then the smoke matrix (what CI runs)."""
     prepare(session)
-    args = session.posargs or ["tests", "-m", "not matrix"]
+    args = session.posargs or ["tests", "-m", "not matrix and not kernel_full"]
     session.run("pytest", *args)
     if not session.posargs:
         session.run("pytest", "tests/matrix", "--profile", "smoke", "-p", "no:cacheprovider")

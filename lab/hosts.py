@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lab.errors import HostGone, LabError, MissingPiece
-from lab.remote import CommandResult, SshEndpoint, SshRunner, free_loopback_port, quote_argv
+from lab.remote import CommandResult, SshEndpoint, SshRunner, free_loopback_port, quote_argv, ssh_escape
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LABHOST_INITRAMFS = Path(__file__).with_name("data") / "labhost-initramfs.sh"
@@ -333,7 +333,7 @@ class NestedHost(Host):
             return sock
         sock.unlink(missing_ok=True)
         argv = self.endpoint().ssh_argv()[:-1] + [
-            "-N", "-o", "ExitOnForwardFailure=yes", "-L", f"{sock}:/run/libvirt/libvirt-sock", "root@127.0.0.1",
+            "-N", "-o", "ExitOnForwardFailure=yes", "-L", f"{ssh_escape(str(sock))}:/run/libvirt/libvirt-sock", "root@127.0.0.1",
         ]
         self._forwarder = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         t0 = time.monotonic()

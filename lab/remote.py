@@ -21,6 +21,20 @@ from lab.errors import CommandFailed, LabError
 _SAFE_ARG = re.compile(r"^[^\x00-\x08\x0a-\x1f\x7f]*$")
 
 
+# An SSH user or host name: no option look-alike, no whitespace, no "@" or quotes.
+_SSH_WORD = re.compile(r"^[A-Za-z0-9_\[][A-Za-z0-9_.:%\[\]-]*$")
+
+
+def ssh_escape(text: str) -> str:
+    """`text` for an ssh option that expands %-tokens (IdentityFile, ProxyCommand, -L paths)."""
+    return text.replace("%", "%%")
+
+
+def ssh_config_quote(text: str) -> str:
+    """`text` as one double-quoted argument of an ssh_config line (or -o option)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def quote_argv(argv: list[str] | tuple[str, ...]) -> str:
     """One remote command line from an argument list, every element quoted."""
     if not argv:
@@ -61,10 +75,25 @@ class SshEndpoint:
     jump: "SshEndpoint | None" = None
     connect_timeout: float = 30.0
 
+    def __post_init__(self) -> None:
+        # The destination goes on ssh's command line before "--": a user or host
+        # starting with "-" would be read as an option (-oProxyCommand=...).
+        for what, value in (("host", self.host), ("user", self.user)):
+            if not isinstance(value, str) or not _SSH_WORD.match(value):
+                raise LabError(f"refusing SSH {what} {value!r}: expected {_SSH_WORD.pattern}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            raise LabError(f"refusing SSH port {self.port!r}: expected an integer from 1 to 65535")
+        key = str(self.key)
+        # ssh expands "${VAR}" in an identity file path and has no escape for it.
+        if "${" in key or not _SAFE_ARG.match(key):
+            raise LabError(f"refusing SSH key path {key!r}: ssh would not read it as written", hint="use a workdir path without '${' or control characters")
+
     def ssh_options(self) -> list[str]:
         """OpenSSH -o options: key-only, no host key memory (lab hosts are new every boot)."""
         return [
-            "-i", str(self.key),
+            # Not -i: ssh checks -i's path before expanding %-tokens in it, so a
+            # path with "%" cannot be given there. The option parser unquotes.
+            "-o", "IdentityFile=" + ssh_config_quote(ssh_escape(str(self.key))),
             "-o", "IdentitiesOnly=yes",
             "-o", "BatchMode=yes",
             "-o", "StrictHostKeyChecking=no",
@@ -79,8 +108,9 @@ class SshEndpoint:
         """An `ssh` argument list reaching this endpoint (through its jump host)."""
         argv = ["ssh", *self.ssh_options(), "-p", str(self.port)]
         if self.jump is not None:
-            # ProxyCommand is itself a command line: built from a list, quoted once.
-            proxy = quote_argv(self.jump.ssh_argv() + ["-W", "%h:%p"]).replace("'%h:%p'", "%h:%p")
+            # ProxyCommand is itself a command line: built from a list, quoted once,
+            # then %-escaped, since ssh expands %-tokens in it before the shell runs it.
+            proxy = ssh_escape(quote_argv(self.jump.ssh_argv())) + " -W %h:%p"
             argv += ["-o", f"ProxyCommand={proxy}"]
         if tty:
             argv.append("-t")
