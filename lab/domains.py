@@ -8,6 +8,7 @@ guests open taps the lab made.
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,9 +63,22 @@ class GuestDomain:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+# Characters XML 1.0 cannot carry (and \r, which XML parsers turn into \n):
+# refused rather than silently mangled into a different path or command line.
+_XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0d\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_value(value: str, what: str) -> str:
+    if _XML_UNSAFE.search(value):
+        raise ValueError(f"{what}: {value!r} holds a character libvirt's XML cannot carry")
+    return value
+
+
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
-    el = ET.SubElement(parent, tag, {k.rstrip("_"): v for k, v in attrs.items()})
+    attrs = {k.rstrip("_"): _xml_value(v, f"<{tag} {k.rstrip('_')}>") for k, v in attrs.items()}
+    el = ET.SubElement(parent, tag, attrs)
     if text is not None:
+        text = _xml_value(text, f"<{tag}>")
         el.text = text
     return el
 

@@ -392,8 +392,10 @@ class MatrixRunner:
             raise HostGone(f"not run: the lab host is gone ({self.gone})")
         started, t0 = now_iso(), time.monotonic()
         commands: list[list[str]] = []
-        stage = "lab host boot"
+        stage = "artifacts"
         try:
+            self._ensure_artifacts(cell.kernel)
+            stage = "lab host boot"
             host = self._ensure_host(cell.kernel)
             stage = "guest boot"
             guest = self._ensure_guest(cell.backend, cell.txqueuelen)
@@ -451,6 +453,26 @@ class MatrixRunner:
         return agent(args, stream_call_timeout(cell, cfg.timeouts.cell_grace))
 
     # ------------------------------------------------------------------ transitions
+    def _ensure_artifacts(self, kernel: str) -> None:
+        """Build (or find in the cache) the kernel and the guest's image before any VM waits for them."""
+        if self.host is not None and not needs_host_boot(kernel, self.host_kernel):
+            return
+        key = ("artifacts", kernel)
+        self._refuse_if_failed(key, f"the artifacts for kernel {kernel}", "be built")
+        t0 = time.monotonic()
+        try:
+            if self.host_spec.provider == "nested":
+                lifecycle.kernel_boot(self.ctx, kernel, self.progress)
+            self._guest_plan()
+        except Exception as exc:
+            self._note_failure(key, exc)
+            raise
+        finally:
+            self.timing.builds_s += time.monotonic() - t0
+
+    def _note_failure(self, key: tuple[str, ...], exc: BaseException) -> None:
+        self._failed_boots.setdefault(key, []).append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
     def _ensure_host(self, kernel: str) -> Host:
         if self.host is not None and not needs_host_boot(kernel, self.host_kernel):
             return self.host
@@ -458,29 +480,29 @@ class MatrixRunner:
         self._refuse_if_failed(key, f"lab host {self.host_spec.name} on kernel {kernel}")
         self._drop_guest(destroy=True)  # the old host takes its guest with it; be explicit anyway
         self.host = self.host_kernel = self.host_facts = None
-        ctx = self.ctx
         try:
-            if self.host_spec.provider == "nested":
-                t0 = time.monotonic()
-                lifecycle.kernel_boot(ctx, kernel, self.progress)  # build or find the artifact (not a boot)
-                self.timing.builds_s += time.monotonic() - t0
             before = self._running_host()
             t0 = time.monotonic()
             self.progress(f"{self.host_spec.name}: lab host on kernel {kernel}", None)
-            host = lifecycle.up_host(ctx, self.host_spec, kernel=kernel, progress=self.progress)
+            host = lifecycle.up_host(self.ctx, self.host_spec, kernel=kernel, progress=self.progress)
+            rt = getattr(host, "runtime", None)
+            # only a nested host is booted by the lab; local and ssh hosts are just connected to
+            booted = self.host_spec.provider == "nested" and (
+                before is None or (rt is not None and rt.started_at != before)
+            )
+            self._made_host |= booted
+            facts = self._probe_host(host, kernel)  # part of bringing the host up: which kernel really runs
             boot_s = time.monotonic() - t0
         except Exception as exc:
-            self._failed_boots.setdefault(key, []).append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self._note_failure(key, exc)
             raise
-        rt = getattr(host, "runtime", None)
-        # only a nested host is booted by the lab; local and ssh hosts are just connected to
-        booted = self.host_spec.provider == "nested" and (before is None or (rt is not None and rt.started_at != before))
         if booted:
-            self._made_host = True
             self.timing.host_boots += 1
             self.timing.boots_s += boot_s
-        self.host, self.host_kernel = host, kernel
-        self._record_host(host, kernel, boot_s if booted else None)
+            facts["boot_s"] = round(boot_s, 1)
+        self.host, self.host_kernel, self.host_facts = host, kernel, facts
+        self.meta.hosts[f"{self.host_spec.name}/{kernel}"] = facts
+        self.store.write_meta(self.meta)
         return host
 
     def _running_host(self) -> float | None:
@@ -493,7 +515,8 @@ class MatrixRunner:
             return None
         return None if h is None else h.runtime.started_at
 
-    def _record_host(self, host: Host, kernel: str, boot_s: float | None) -> None:
+    def _probe_host(self, host: Host, kernel: str) -> dict[str, Any]:
+        """The facts meta.json records about a lab host (RunMeta.hosts["<host>/<kernel>"])."""
         p = host.probe()
         facts: dict[str, Any] = {
             "host": self.host_spec.name,
@@ -507,17 +530,13 @@ class MatrixRunner:
             "modules_match": p.modules_match,
             "probed_at": now_iso(),
         }
-        if boot_s is not None:
-            facts["boot_s"] = round(boot_s, 1)
-        self.host_facts = facts
-        self.meta.hosts[f"{self.host_spec.name}/{kernel}"] = facts
-        self.store.write_meta(self.meta)
         exp = self.ctx.cfg.expectations
         if p.modules_match is False:
             self.progress(f"warning: {self.host_spec.name}/{kernel}: loaded tun/tap/vhost modules are not the artifact's", None)
         if kernel == exp.nodrop_kernel and p.nodrop is False:
             self.progress(f"warning: {self.host_spec.name}/{kernel}: the nodrop behaviour is not detected", None)
         self.progress(f"{self.host_spec.name}/{kernel}: {p.release}, accel {p.accel}, nodrop {p.nodrop}", None)
+        return facts
 
     def _ensure_guest(self, backend: str, txqueuelen: int) -> RunningGuest:
         if self.guest is not None and not needs_guest_boot(backend, self.guest_backend, False):
@@ -535,7 +554,7 @@ class MatrixRunner:
         except HostGone:
             raise
         except Exception as exc:
-            self._failed_boots.setdefault(key, []).append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self._note_failure(key, exc)
             raise
         self.timing.boots_s += time.monotonic() - t0
         self.timing.guest_boots += 1
@@ -544,16 +563,15 @@ class MatrixRunner:
         return guest
 
     def _guest_plan(self) -> GuestPlan:
+        # built once per runner (in the artifacts step); backend and txqueuelen vary per boot
         if self._base_plan is None:
-            t0 = time.monotonic()
             self._base_plan = lifecycle.guest_plan(self.ctx, self.guest_spec, progress=self.progress)
-            self.timing.builds_s += time.monotonic() - t0
         return self._base_plan
 
-    def _refuse_if_failed(self, key: tuple[str, ...], what: str) -> None:
+    def _refuse_if_failed(self, key: tuple[str, ...], what: str, verb: str = "boot") -> None:
         failures = self._failed_boots.get(key, [])
         if len(failures) >= MAX_BOOT_ATTEMPTS:
-            raise LabError(f"not attempted: {what} failed to boot {len(failures)} times in this run ({failures[-1]})")
+            raise LabError(f"not attempted: {what} failed to {verb} {len(failures)} times in this run ({failures[-1]})")
 
     def _guest_shell(self) -> Any:
         if self._guest_runner is None:
@@ -570,7 +588,7 @@ class MatrixRunner:
                 path = self.ctx.paths.host_console(self.host_spec.name)
                 if path.exists():
                     text = "\n".join(path.read_text(errors="replace").splitlines()[-CONSOLE_TAIL_LINES:])
-            elif self.host is not None:
+            elif stage in ("guest boot", "cell") and self.host is not None:
                 text = guests.console_tail(self.host, self.guest_spec.name, CONSOLE_TAIL_LINES)
         except Exception as exc:  # noqa: BLE001 - a missing log must not hide the cell's own error
             text = f"(console log unavailable: {exc})"

@@ -579,6 +579,23 @@ def test_a_kernel_that_does_not_boot_fails_its_cells_fast(lab, tmp_path):
     assert lab.host_boots == ["nodrop"]
 
 
+def test_an_artifact_that_does_not_build_fails_its_cells_fast(lab, tmp_path, monkeypatch):
+    calls = []
+
+    def kernel_boot(ctx, recipe, progress=None):
+        calls.append(recipe)
+        if recipe == "nodrop":
+            raise LabError("patch 0001-tun.patch does not apply")
+
+    monkeypatch.setattr(M.lifecycle, "kernel_boot", kernel_boot)
+    r = runner_for(tmp_path)
+    results = [r.run_cell(c) for c in r.plan()]
+    nodrop = [x for x in results if x.kernel == "nodrop"]
+    assert all(x.error.startswith("artifacts: ") for x in nodrop) and "not attempted" in nodrop[-1].error
+    assert calls.count("nodrop") == M.MAX_BOOT_ATTEMPTS and lab.host_boots == ["stock"]
+    assert all(x.console_log is None for x in nodrop)
+
+
 def test_resume_runs_only_missing_and_errored_cells(lab, tmp_path):
     r = runner_for(tmp_path)
     cells = r.plan()
