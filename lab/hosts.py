@@ -404,21 +404,31 @@ class AgentSession:
     @classmethod
     def local(cls, argv: list[str]) -> "AgentSession":
         """Start the agent as a local process."""
-        import selectors
+        import queue
+        import threading
 
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        state = {"timeout": None}
+        replies: queue.Queue[str] = queue.Queue()
+        state: dict[str, float | None] = {"timeout": None}
+
+        def pump() -> None:
+            # A reader thread: a select() on the pipe would miss lines the
+            # text wrapper already buffered.
+            for line in proc.stdout:
+                replies.put(line)
+            replies.put("")
+
+        threading.Thread(target=pump, daemon=True).start()
 
         def send(line: str) -> None:
             proc.stdin.write(line)
             proc.stdin.flush()
 
         def readline() -> str:
-            sel = selectors.DefaultSelector()
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            if not sel.select(state["timeout"]):
-                raise TimeoutError
-            return proc.stdout.readline()
+            try:
+                return replies.get(timeout=state["timeout"])
+            except queue.Empty:
+                raise TimeoutError from None
 
         def closer() -> None:
             proc.kill()

@@ -164,10 +164,9 @@ def build_initramfs(spec: InitramfsSpec, out: Path) -> Path:
 
 def cached_initramfs(spec: InitramfsSpec, cache_dir: Path, stem: str) -> Path:
     """Build the initramfs once per content key under `cache_dir`."""
+    # Never delete other entries: another lab sharing this workdir may be
+    # about to boot from one. They are small (a few MiB).
     out = cache_dir / f"{stem}-{spec.key()[:12]}.cpio"
     if out.exists():
         return out
-    for old in cache_dir.glob(f"{stem}-*.cpio"):
-        # Only the newest per stem is worth keeping; these are cheap to rebuild.
-        old.unlink(missing_ok=True)
     return build_initramfs(spec, out)

@@ -360,13 +360,25 @@ def _plan(recipe: Recipe) -> _Plan:
 
 
 def _tree_identity(path: Path) -> str:
-    """A kernel tree's identity: its git HEAD (+ a hash of uncommitted changes), else its Makefile's mtime."""
+    """A kernel tree's identity: git HEAD + every change and untracked file, else a walk of the tree.
+
+    Any edit in the tree must change the key, or a stale artifact is reused.
+    """
     head = _query(["git", "-C", str(path), "rev-parse", "HEAD"]).strip()
+    h = hashlib.sha256()
     if head:
-        diff = _query(["git", "-C", str(path), "diff", "HEAD"])
-        return f"git:{head}:{hashlib.sha256(diff.encode()).hexdigest()[:16]}"
-    makefile = path / "Makefile"
-    return f"mtime:{int(makefile.stat().st_mtime)}" if makefile.exists() else "unknown"
+        h.update(_query(["git", "-C", str(path), "diff", "HEAD"]).encode())
+        for rel in _query(["git", "-C", str(path), "ls-files", "--others", "--exclude-standard", "-z"]).split("\0"):
+            f = path / rel
+            if rel and f.is_file():
+                h.update(rel.encode() + b"\0" + f.read_bytes())
+        return f"git:{head}:{h.hexdigest()[:16]}"
+    # No git: paths, sizes and mtimes of the source files (build outputs excluded).
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and f.suffix not in (".o", ".ko", ".cmd", ".a", ".mod") and not f.name.startswith("."):
+            st = f.stat()
+            h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return f"tree:{h.hexdigest()[:16]}"
 
 
 # --------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def quote_argv(argv: list[str] | tuple[str, ...]) -> str:
     for a in argv:
         if not isinstance(a, str):
             raise TypeError(f"command argument {a!r} is not a string")
-        if not _SAFE_ARG.match(a):
+        if not _SAFE_ARG.fullmatch(a):
             raise LabError(f"refusing to run a command with a control character in argument {a!r}")
     return shlex.join(list(argv))
 
@@ -85,7 +85,7 @@ class SshEndpoint:
             raise LabError(f"refusing SSH port {self.port!r}: expected an integer from 1 to 65535")
         key = str(self.key)
         # ssh expands "${VAR}" in an identity file path and has no escape for it.
-        if "${" in key or not _SAFE_ARG.match(key):
+        if "${" in key or not _SAFE_ARG.fullmatch(key):
             raise LabError(f"refusing SSH key path {key!r}: ssh would not read it as written", hint="use a workdir path without '${' or control characters")
 
     def ssh_options(self) -> list[str]:

@@ -280,12 +280,6 @@ def test_local_host_run_timeout_returns_124_within_bound() -> None:
     assert ei.value.rc == 124
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="bug: lab/hosts.py AgentSession.local readline() selects on the pipe's fd although "
-    "TextIOWrapper may already hold the next line in its buffer: a buffered reply times out",
-)
 def test_agent_session_reads_a_reply_already_buffered() -> None:
     # an agent that answers the first request with two lines at once
     session = AgentSession.local(["sh", "-c", "read x; printf '{\"a\": 1}\\n{\"b\": 2}\\n'; read y; sleep 30"])

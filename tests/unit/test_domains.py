@@ -277,6 +277,37 @@ def test_any_text_round_trips(name: str, cmdline: str, tap: str) -> None:
     assert one(root, "devices/interface/target").get("dev") == tap
 
 
+_any_text = st.text(alphabet=st.characters(), max_size=30)
+_XML_UNSAFE = {chr(c) for c in [*range(0x00, 0x09), 0x0B, 0x0C, 0x0D, *range(0x0E, 0x20), 0xFFFE, 0xFFFF]}
+
+
+def _xml_unsafe(s: str) -> bool:
+    return any(c in _XML_UNSAFE or 0xD800 <= ord(c) <= 0xDFFF for c in s)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=_any_text, cmdline=_any_text, log=_any_text)
+def test_any_text_round_trips_or_is_refused(name: str, cmdline: str, log: str) -> None:
+    """What XML 1.0 cannot carry (and \r, which parsers turn into \n) is refused, never mangled."""
+    d = labhost(name=name, cmdline=cmdline, console_log=Path("/l") / log)
+    if _xml_unsafe(name + cmdline + log):
+        with pytest.raises(ValueError, match="XML cannot carry"):
+            labhost_xml(d)
+        return
+    root = parse(labhost_xml(d))
+    assert (one(root, "name").text or "") == name
+    assert (one(root, "os/cmdline").text or "") == cmdline
+    assert one(root, "devices/serial/source").get("path") == str(d.console_log)
+
+
+@pytest.mark.parametrize("bad", ["a\rb", "a\x00b", "a\x1bb", "a\ufffeb", "\x0c"])
+@pytest.mark.parametrize("field", ["name", "cmdline", "tap", "mac", "kernel"])
+def test_guest_refuses_what_xml_cannot_carry(field: str, bad: str) -> None:
+    value = Path("/k") / bad if field == "kernel" else bad
+    with pytest.raises(ValueError, match="XML cannot carry"):
+        guest_xml(guest(**{field: value}))
+
+
 # --------------------------------------------------------------------------
 # guest_mac
 # --------------------------------------------------------------------------

@@ -634,23 +634,12 @@ def test_host_runtime_round_trip(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: lab/kernel.py _tree_identity() falls back to the Makefile's mtime for a non-git tree, "
-    "so editing a source file there keeps the key and a stale artifact is reused",
-)
 def test_key_changes_when_a_source_file_in_a_plain_tree_changes(tree: Path) -> None:
     before = artifact_key(_full(tree))
     (tree / "drivers" / "net" / "tun.c").write_text("line one\nline two, edited in place\nline three\n")
     assert artifact_key(_full(tree)) != before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: lab/kernel.py _tree_identity() hashes `git diff HEAD` only, which leaves out untracked files",
-)
 def test_key_changes_with_an_untracked_file_in_a_git_tree(tree: Path) -> None:
     if shutil.which("git") is None:
         pytest.skip("git is not installed")

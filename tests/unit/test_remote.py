@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from lab.errors import CommandFailed, LabError
@@ -56,10 +56,32 @@ def test_quote_argv_refuses_control_characters(bad: str) -> None:
     assert repr(bad) in str(ei.value)
 
 
-@given(st.lists(safe_arg, max_size=3), st.sampled_from([chr(c) for c in [*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F]]), safe_arg)
+_CONTROL = [chr(c) for c in [*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F]]
+
+
+@given(st.lists(safe_arg, max_size=3), st.sampled_from(_CONTROL), safe_arg)
 def test_quote_argv_refuses_any_control_character(prefix: list[str], ctl: str, rest: str) -> None:
+    arg = rest + ctl + rest
+    assume(not (arg.endswith("\n") and _SAFE_BUT_FOR_END.match(arg[:-1])))
     with pytest.raises(LabError):
-        quote_argv([*prefix, rest + ctl + rest])
+        quote_argv([*prefix, arg])
+
+
+_SAFE_BUT_FOR_END = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*\Z")
+
+
+@pytest.mark.parametrize("arg", ["\n", "echo hi\n"])
+def test_quote_argv_refuses_a_trailing_newline(arg: str, tmp_path: Path) -> None:
+    refused = 0
+    try:
+        quote_argv(["echo", arg])
+    except LabError:
+        refused += 1
+    try:
+        SshEndpoint("127.0.0.1", 22, "root", tmp_path / f"key{arg}")
+    except LabError:
+        refused += 1
+    assert refused == 2
 
 
 def test_quote_argv_empty_and_non_strings() -> None:
