@@ -78,11 +78,13 @@ def cmd_config(args) -> int:
 
 def cmd_up(args) -> int:
     """Build what is missing, boot hosts and guests, wait for SSH, show status."""
-    from lab.lifecycle import select, up
+    from lab.lifecycle import preflight, up
 
     console = _console()
     ctx = _context(args)
-    select(ctx.cfg, args.names)  # a name typo is refused before anything starts (and is cleaned up)
+    # A name typo or an unreachable libvirtd is refused before anything starts,
+    # so it is one line and not a cleanup of the lab.
+    preflight(ctx, args.names)
     t0 = time.monotonic()
     try:
         with _Progress(console) as progress:

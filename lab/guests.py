@@ -23,7 +23,9 @@ from lab.remote import SshEndpoint, SshRunner
 
 GUEST_INITRAMFS = Path(__file__).with_name("data") / "guest-initramfs.sh"
 # ext4 asks the crypto API for crc32c at mount time: not a modules.dep dependency.
-GUEST_MODULES = ("virtio_blk", "virtio_net", "crc32c_generic", "ext4")
+# The guest's root has no module tree: sch_netem is loaded here for
+# netem_split (half the delay on the guest's egress).
+GUEST_MODULES = ("virtio_blk", "virtio_net", "crc32c_generic", "ext4", "sch_netem")
 READY_MARK = "LAB-GUEST-READY"
 Progress = Callable[[str, float | None], None]
 

@@ -479,7 +479,10 @@ def outer_libvirt():
     try:
         return libvirt.open("qemu:///system")
     except libvirt.libvirtError as e:
-        raise MissingPiece(f"cannot connect to libvirtd on this machine: {e}", hint="virtlogd -d && libvirtd -d") from None
+        # The daemons run (ensure_local_daemons checked): a non-root user is refused by
+        # libvirt's system instance, and starting daemons would not change that.
+        hint = "virtlogd -d && libvirtd -d" if os.geteuid() == 0 else "run lab as root (libvirt's system instance: qemu:///system)"
+        raise MissingPiece(f"cannot connect to libvirtd on this machine: {e}", hint=hint) from None
 
 
 def _daemon_running(name: str) -> bool:

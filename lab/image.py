@@ -167,7 +167,7 @@ def load_recipe(path: Path) -> ImageRecipe:
         v = data[key]
         if not isinstance(v, str):
             raise err(key, f"must be a string, not {type(v).__name__}")
-        if pattern is not None and not pattern.match(v):
+        if pattern is not None and not pattern.fullmatch(v):
             raise err(key, f"{v!r} is not {what or 'valid'}")
         return v
 
@@ -198,13 +198,13 @@ def load_recipe(path: Path) -> ImageRecipe:
 
     mirrors = []
     for kp, m in str_list("mirrors", []):
-        if not (m.startswith("deb ") or re.match(r"^[a-z][a-z0-9+]*://\S+$", m)):
+        if not (m.startswith("deb ") or re.fullmatch(r"^[a-z][a-z0-9+]*://\S+$", m)):
             raise err(kp, f"{m!r} is neither a mirror URI (http://...) nor a 'deb ...' line")
         mirrors.append(m)
 
     hook_dirs = []
     for kp, h in str_list("hook_dirs", []):
-        if not _HOOK.match(h):
+        if not _HOOK.fullmatch(h):
             raise err(kp, f"{h!r} is not a hook directory name under {MMDEBSTRAP_HOOKS}")
         hook_dirs.append(h)
 
@@ -212,7 +212,7 @@ def load_recipe(path: Path) -> ImageRecipe:
 
     packages: list[str] = []
     for kp, p in str_list("packages"):
-        if not _PACKAGE.match(p):
+        if not _PACKAGE.fullmatch(p):
             raise err(kp, f"{p!r} is not a Debian package name")
         if p in packages:
             raise err(kp, f"{p!r} is listed twice")
@@ -247,7 +247,7 @@ def load_recipe(path: Path) -> ImageRecipe:
     if not isinstance(sshd_raw, dict):
         raise err("sshd", "must be a table of sshd_config options")
     for k, v in sshd_raw.items():
-        if not _SSHD_KEY.match(k):
+        if not _SSHD_KEY.fullmatch(k):
             raise err(f"sshd.{k}", "is not an sshd_config keyword")
         if isinstance(v, bool) or not isinstance(v, (str, int)):
             raise err(f"sshd.{k}", f'must be a string (e.g. "yes"), not {type(v).__name__}')
@@ -276,7 +276,7 @@ def load_recipe(path: Path) -> ImageRecipe:
         if any(c in dest for c in "\n\r\0"):
             raise err(f"{kp}.dest", "must be a single line")
         mode = f.get("mode", "0644")
-        if not isinstance(mode, str) or not _MODE.match(mode):
+        if not isinstance(mode, str) or not _MODE.fullmatch(mode):
             raise err(f"{kp}.mode", f'{mode!r} must be an octal string like "0644"')
         files.append(FileSpec(_recipe_file(path, src, err, f"{kp}.src"), dest, int(mode, 8)))
 
@@ -420,7 +420,7 @@ def build_image(
     report: Progress = progress or (lambda step, fraction: None)
     recipe = load_recipe(recipe_path)
     ssh_public_key = ssh_public_key.strip()
-    if "\n" in ssh_public_key or "\r" in ssh_public_key or not _PUBKEY.match(" ".join(ssh_public_key.split())):
+    if "\n" in ssh_public_key or "\r" in ssh_public_key or not _PUBKEY.fullmatch(" ".join(ssh_public_key.split())):
         raise LabError("the lab's SSH public key is not a single OpenSSH public key line", hint="see lab/sshkeys.py")
     ssh_public_key = " ".join(ssh_public_key.split())
 

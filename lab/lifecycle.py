@@ -175,6 +175,18 @@ def select(cfg: LabConfig, names: list[str]) -> tuple[list[GuestSpec], list[str]
     return guests, host_names
 
 
+def preflight(ctx: LabContext, names: list[str]) -> None:
+    """What `lab up` checks before it builds or starts anything: the names, and
+    this machine's libvirtd for nested hosts (MissingPiece, e.g. for a non-root
+    user, instead of minutes of kernel downloads first)."""
+    guests, host_names = select(ctx.cfg, names)
+    hosts = {g.host for g in guests} | set(host_names)
+    if any(ctx.cfg.hosts[h].provider == "nested" for h in hosts):
+        from lab.hosts import outer_libvirt
+
+        outer_libvirt().close()
+
+
 def up(ctx: LabContext, names: list[str], progress: Progress = _noop) -> list[RunningGuest]:
     """Bring up guests `names` (hosts or guests; empty: all guests) and their hosts."""
     cfg = ctx.cfg

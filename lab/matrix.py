@@ -478,7 +478,8 @@ class MatrixRunner:
             return self.host
         key = ("host", kernel)
         self._refuse_if_failed(key, f"lab host {self.host_spec.name} on kernel {kernel}")
-        self._drop_guest(destroy=True)  # the old host takes its guest with it; be explicit anyway
+        # a nested host's reboot takes its guest with it (boot_host destroys the old VM)
+        self._drop_guest(destroy=self.host_spec.provider != "nested")
         self.host = self.host_kernel = self.host_facts = None
         try:
             before = self._running_host()
@@ -544,7 +545,7 @@ class MatrixRunner:
         assert self.host is not None and self.host_kernel is not None
         key = ("guest", self.host_kernel, backend)
         self._refuse_if_failed(key, f"guest {self.guest_spec.name} ({backend}) on kernel {self.host_kernel}")
-        self._drop_guest(destroy=True)
+        self._drop_guest(destroy=False)  # boot_guest destroys the old domain, overlay and tap first
         try:
             plan = dataclasses.replace(self._guest_plan(), backend=backend, txqueuelen=txqueuelen or self.guest_spec.net.txqueuelen)
             t0 = time.monotonic()
@@ -671,10 +672,12 @@ class MatrixRunner:
                 self._guest_runner.close()
                 self._guest_runner = None
             return
-        if self.guest is not None and self.gone is None:
+        host_goes = self.host_spec.provider == "nested" and self._made_host
+        # destroying a nested host destroys its guests; a guest on a host that stays is destroyed here
+        if self.guest is not None and self.gone is None and not host_goes:
             self.progress(f"destroying guest {self.guest.domain}", None)
-        self._drop_guest(destroy=self.gone is None)
-        if self.host_spec.provider == "nested" and self._made_host:
+        self._drop_guest(destroy=self.gone is None and not host_goes)
+        if host_goes:
             self.progress(f"destroying lab host {self.ctx.paths.domain_name(self.host_spec.name)}", None)
             self._forget_host()
             try:
@@ -765,7 +768,6 @@ def open_run(
         )
         meta.planned = planned
     meta.extra.setdefault("resumed", []).append({"at": now_iso(), "argv": argv})
-    meta.finished_at = None
     store.write_meta(meta)
     return spec, store
 
@@ -840,13 +842,25 @@ class _StepPrinter:
 
 
 def summary_line(outcome: MatrixOutcome) -> str:
-    """ "wall 6m12s = 1.2 x traffic 2m40s + boots 2m58s (target met)" style line."""
-    o = outcome.overhead
-    verdict = "met" if o.get("met") else "missed"
+    """The run's time budget on one line, over all its sessions (a resumed run adds up):
+
+    "wall 219s (builds 0s), traffic 40s, boots 170s: target wall - builds <= 1.25 x traffic + boots = 220s met (218s)"
+    """
+    extra = outcome.run_data.meta.extra
+    sessions = len(extra.get("sessions") or [])
+    if sessions:
+        wall, builds = float(extra.get("wall_s") or 0), float(extra.get("builds_s") or 0)
+        traffic, boots = float(extra.get("traffic_s") or 0), float(extra.get("boots_s") or 0)
+    else:
+        wall, builds, traffic, boots = outcome.wall_s, outcome.builds_s, outcome.traffic_s, outcome.boots_s
+    if traffic == 0:
+        return f"wall {wall:.0f}s: no traffic ran" + (" in this session" if not sessions else "")
+    o = overhead(wall, traffic, boots, builds)
+    where = f" over {sessions} sessions" if sessions > 1 else ""
     return (
-        f"wall {outcome.wall_s:.0f}s (builds {outcome.builds_s:.0f}s), traffic {outcome.traffic_s:.0f}s, "
-        f"boots {outcome.boots_s:.0f}s: target wall - builds <= {OVERHEAD_FACTOR:g} x traffic + boots "
-        f"= {o.get('limit_s', 0):.0f}s {verdict} ({o.get('measured_s', 0):.0f}s)"
+        f"wall {wall:.0f}s (builds {builds:.0f}s), traffic {traffic:.0f}s, boots {boots:.0f}s{where}: "
+        f"target wall - builds <= {OVERHEAD_FACTOR:g} x traffic + boots = {o['limit_s']:.0f}s "
+        f"{'met' if o['met'] else 'missed'} ({o['measured_s']:.0f}s)"
     )
 
 

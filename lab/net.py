@@ -70,7 +70,7 @@ class DeviceNotFound(NetError):
 
 def validate_ifname(name: object, field_name: str = "name") -> str:
     """Return `name` if it is a safe Linux interface name, else ValueError naming the field."""
-    if not isinstance(name, str) or not IFNAME_RE.match(name):
+    if not isinstance(name, str) or not IFNAME_RE.fullmatch(name):
         raise ValueError(
             f"{field_name}: {name!r} is not an interface name "
             "(1-15 characters [A-Za-z0-9_.-], starting with a letter or digit)"
@@ -82,7 +82,7 @@ def validate_netns(netns: object, field_name: str = "netns") -> str | None:
     """Return `netns` (a /run/netns name) or None; ValueError naming the field otherwise."""
     if netns is None:
         return None
-    if not isinstance(netns, str) or not NETNS_RE.match(netns):
+    if not isinstance(netns, str) or not NETNS_RE.fullmatch(netns):
         raise ValueError(f"{field_name}: {netns!r} is not a network namespace name")
     return netns
 
@@ -412,7 +412,7 @@ def set_netem(dev: str, netem: NetemDelay | None, netns: str | None = None) -> N
 
 
 def _check_tc_param(key: str, value: object) -> None:
-    if not re.match(r"^[a-z_][a-z0-9_]*$", key):
+    if not re.fullmatch(r"^[a-z_][a-z0-9_]*$", key):
         raise ValueError(f"{key!r}: not a qdisc parameter name")
     if isinstance(value, bool):
         return
@@ -422,7 +422,7 @@ def _check_tc_param(key: str, value: object) -> None:
         return
     if isinstance(value, str):
         # tc-style quantities: "10mbit", "50ms", "1500", "1.5kb"
-        if not re.match(r"^[0-9]+(\.[0-9]+)?[A-Za-z]{0,5}$", value):
+        if not re.fullmatch(r"^[0-9]+(\.[0-9]+)?[A-Za-z]{0,5}$", value):
             raise ValueError(f"{key}: {value!r} is not a tc quantity")
         return
     raise ValueError(f"{key}: unsupported value {value!r}")
@@ -434,7 +434,7 @@ def set_root_qdisc(dev: str, kind: str, netns: str | None = None, **params: Any)
     Parameters are pyroute2's for that kind (netem: delay/jitter in µs).
     """
     validate_ifname(dev, "dev")
-    if not isinstance(kind, str) or not QDISC_KIND_RE.match(kind):
+    if not isinstance(kind, str) or not QDISC_KIND_RE.fullmatch(kind):
         raise ValueError(f"kind: {kind!r} is not a qdisc kind")
     for key, value in params.items():
         _check_tc_param(key, value)

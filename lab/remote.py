@@ -10,7 +10,10 @@ from __future__ import annotations
 import re
 import shlex
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +24,12 @@ from lab.errors import CommandFailed, LabError
 _SAFE_ARG = re.compile(r"^[^\x00-\x08\x0a-\x1f\x7f]*$")
 
 
+# Seconds the watchdog of SshRunner.run leaves fabric's own timeout (which ends
+# a running command cleanly) before it tears the connection down.
+ABORT_GRACE_S = 2.0
+
 # An SSH user or host name: no option look-alike, no whitespace, no "@" or quotes.
-_SSH_WORD = re.compile(r"^[A-Za-z0-9_\[][A-Za-z0-9_.:%\[\]-]*$")
+_SSH_WORD = re.compile(r"[A-Za-z0-9_\[][A-Za-z0-9_.:%\[\]-]*")  # fullmatch: "$" would let a trailing newline in
 
 
 def ssh_escape(text: str) -> str:
@@ -79,7 +86,7 @@ class SshEndpoint:
         # The destination goes on ssh's command line before "--": a user or host
         # starting with "-" would be read as an option (-oProxyCommand=...).
         for what, value in (("host", self.host), ("user", self.user)):
-            if not isinstance(value, str) or not _SSH_WORD.match(value):
+            if not isinstance(value, str) or not _SSH_WORD.fullmatch(value):
                 raise LabError(f"refusing SSH {what} {value!r}: expected {_SSH_WORD.pattern}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
             raise LabError(f"refusing SSH port {self.port!r}: expected an integer from 1 to 65535")
@@ -151,23 +158,80 @@ class SshRunner:
             )
         return self._conn
 
+    def _chain(self) -> list:
+        """This runner's fabric connection and its gateways, innermost first."""
+        out = []
+        conn = self._conn
+        while conn is not None and not isinstance(conn, str):
+            out.append(conn)
+            conn = getattr(conn, "gateway", None)
+        return out
+
+    def _abort(self) -> None:
+        """Close every transport of the chain; safe from another thread, and it
+        wakes paramiko calls blocked on them (they raise)."""
+        for conn in self._chain():
+            try:
+                conn.client.close()
+            except Exception:
+                pass
+
+    @contextmanager
+    def deadline(self, seconds: float, fired: threading.Event | None = None) -> Iterator[threading.Event]:
+        """Abort this runner's connection if the block still runs after `seconds`.
+
+        paramiko waits for a channel to open and for an exec request's reply
+        without a bound of ours (fabric's timeout only starts once the command
+        runs): a peer that hangs (a paused guest) holds them until TCP gives
+        up, about 15 minutes. The event tells the block's caller it fired.
+        """
+        fired = fired if fired is not None else threading.Event()
+
+        def abort() -> None:
+            fired.set()
+            self._abort()
+
+        timer = threading.Timer(seconds, abort)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield fired
+        finally:
+            timer.cancel()
+
     def run(self, argv: list[str], timeout: float | None = None, check: bool = True, stdin: str | None = None) -> CommandResult:
-        """Run `argv` remotely; bounded by `timeout` seconds."""
+        """Run `argv` remotely; bounded by `timeout` seconds (plus the endpoint's
+        connect_timeout per hop when the connection has to be opened first)."""
         import io
 
         line = quote_argv(argv)
         t0 = time.monotonic()
         limit = timeout if timeout is not None else self.default_timeout
+        hops = 1 + (self.endpoint.jump is not None)
+        connected = bool(self._conn is not None and self._conn.is_connected)
+        bound = limit + ABORT_GRACE_S + (0.0 if connected else hops * self.endpoint.connect_timeout)
+        fired = threading.Event()
         try:
-            res = self._connection().run(
-                line, hide=True, warn=True, timeout=limit, in_stream=io.StringIO(stdin) if stdin is not None else False
-            )
+            with self.deadline(bound, fired):
+                res = self._connection().run(
+                    line, hide=True, warn=True, timeout=limit, in_stream=io.StringIO(stdin) if stdin is not None else False
+                )
             result = CommandResult(tuple(argv), res.exited, res.stdout, res.stderr, time.monotonic() - t0)
         except Exception as exc:  # paramiko/invoke raise many kinds; all mean "no answer"
             self.close()
             name = type(exc).__name__
-            if "Timeout" in name or "timed out" in str(exc):
+            if fired.is_set():
+                waited = time.monotonic() - t0
+                result = CommandResult(
+                    tuple(argv), 124, "", f"timed out after {waited:.0f}s: no answer from {self.endpoint.host}:{self.endpoint.port}", waited
+                )
+            elif "Timeout" in name or "timed out" in str(exc):
                 result = CommandResult(tuple(argv), 124, "", f"timed out after {limit:.0f}s", time.monotonic() - t0)
+            elif name == "ChannelException" and self.endpoint.jump is not None:
+                # The jump host answered but could not open a TCP connection onwards.
+                jump = self.endpoint.jump
+                why = f"{jump.host}:{jump.port} cannot connect to {self.endpoint.host}:{self.endpoint.port} ({exc})"
+                result = CommandResult(tuple(argv), 255, "", f"ssh through {why}", time.monotonic() - t0)
             else:
                 result = CommandResult(tuple(argv), 255, "", f"ssh to {self.endpoint.host}:{self.endpoint.port} failed: {name}: {exc}", time.monotonic() - t0)
         if check:
@@ -175,13 +239,17 @@ class SshRunner:
         return result
 
     def close(self) -> None:
-        """Drop the connection (it is reopened on the next run)."""
-        if self._conn is not None:
+        """Drop the connection and its gateway's (reopened on the next run).
+
+        fabric's Connection.close leaves the gateway open: without closing the
+        chain, every reconnect to a guest would leak a connection to its host.
+        """
+        for conn in self._chain():
             try:
-                self._conn.close()
+                conn.close()
             except Exception:
                 pass
-            self._conn = None
+        self._conn = None
 
 
 def free_loopback_port() -> int:

@@ -46,7 +46,7 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def key_dir(workdir: Path, lab_name: str) -> Path:
-    if not _LAB_NAME.match(lab_name):
+    if not _LAB_NAME.fullmatch(lab_name):
         raise LabError(f"lab name {lab_name!r} cannot name a key directory", hint="use letters, digits, '.', '_', '-'")
     return Path(workdir).expanduser() / lab_name / "ssh"
 

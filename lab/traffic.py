@@ -58,7 +58,7 @@ def _parse_ip(value: str) -> str | None:
     except ValueError:
         return None
     scope = getattr(addr, "scope_id", None)
-    if scope is not None and not IFNAME_RE.match(scope):
+    if scope is not None and not IFNAME_RE.fullmatch(scope):
         return None
     return str(addr)
 
@@ -68,7 +68,7 @@ def _validate_host(value: object, field_name: str) -> str:
         ip = _parse_ip(value)
         if ip is not None:
             return ip
-        if HOSTNAME_RE.match(value):
+        if HOSTNAME_RE.fullmatch(value):
             return value
     raise ValueError(f"{field_name}: {value!r} is not an IP address or host name")
 
@@ -115,11 +115,11 @@ class Iperf3Run:
         object.__setattr__(self, "port", _validate_port(self.port))
         object.__setattr__(self, "duration_s", _validate_int(self.duration_s, "duration_s", 1, MAX_DURATION_S))
         object.__setattr__(self, "streams", _validate_int(self.streams, "streams", 1, MAX_STREAMS))
-        if not isinstance(self.congestion, str) or (self.congestion and not CONGESTION_RE.match(self.congestion)):
+        if not isinstance(self.congestion, str) or (self.congestion and not CONGESTION_RE.fullmatch(self.congestion)):
             raise ValueError(f"congestion: {self.congestion!r} must match ^[a-z0-9_]+$ (or be empty)")
         if len(self.congestion) > 15:  # TCP_CA_NAME_MAX 16
             raise ValueError(f"congestion: {self.congestion!r} is longer than 15 characters")
-        if not isinstance(self.length, str) or (self.length and not LENGTH_RE.match(self.length)):
+        if not isinstance(self.length, str) or (self.length and not LENGTH_RE.fullmatch(self.length)):
             raise ValueError(f"length: {self.length!r} must match ^[0-9]+[KMG]?$ (or be empty)")
         if self.length and int(self.length.rstrip("KMG")) == 0:
             raise ValueError("length: must be > 0")

@@ -302,9 +302,10 @@ def test_default_full_matrix(default_matrix: MatrixSpec) -> None:
 def test_default_smoke_profile(default_matrix: MatrixSpec) -> None:
     smoke = default_matrix.with_profile("smoke")
     cells_ = expand(smoke)
-    assert len(cells_) == 8  # 2 kernels x 2 backends x 2 txqueuelens, no RTTs
+    assert len(cells_) == 24  # 2 kernels x 2 backends x 2 txqueuelens x 3 repeats, no RTTs
     assert {c.duration_s for c in cells_} == {5}
+    assert {c.repeat for c in cells_} == {1, 2, 3}
     assert {c.rtt_ms for c in cells_} == {0.0}
     assert {c.txqueuelen for c in cells_} == {1000, 1}
     assert_groups_contiguous(cells_)
-    assert "vhost-qlen1-rtt0-nodrop" in {c.id for c in cells_}
+    assert "vhost-qlen1-rtt0-nodrop-r3" in {c.id for c in cells_}

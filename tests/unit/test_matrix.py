@@ -25,8 +25,7 @@ from lab.guests import GuestPlan
 from lab.lifecycle import LabContext
 from lab.paths import LabPaths
 from lab.remote import CommandResult
-from lab.results import STABLE_KEYS, CellResult, RunStore, aggregate
-
+from lab.results import STABLE_KEYS, CellResult, RunMeta, RunStore, aggregate
 
 # A lab.toml of its own (not the repository's, which may change): the default lab's shape.
 LAB_TOML = """
@@ -401,7 +400,7 @@ def lab(monkeypatch, tmp_path):
 
     def destroy_host(paths, name):
         fl.host_destroys += 1
-        fl.host = None
+        fl.host = fl.guest = None  # a lab host VM takes its guests with it
         return True
 
     monkeypatch.setattr(M.lifecycle, "kernel_boot", lambda ctx, recipe, progress=None: None)
@@ -457,7 +456,8 @@ def test_smoke_plan_boots_two_hosts_four_guests_and_records_everything(lab, tmp_
     assert data.meta.hosts["lab1/stock"]["guest_accel"] == "kvm"
     assert r.pending() == []
     r.close(keep=False)
-    assert lab.host_destroys == 1 and lab.guest_destroys >= 1 and lab.host is None
+    # the host VM takes the guest with it: no separate guest destroy, nothing destroyed twice
+    assert lab.host_destroys == 1 and lab.guest_destroys == 0 and lab.host is None and lab.guest is None
 
 
 def test_rtt_cells_use_netem_and_split_adds_guest_side(lab, tmp_path):
@@ -713,3 +713,21 @@ def test_unknown_matrix_names_the_known_ones(tmp_path):
     ctx = context(tmp_path)
     with pytest.raises(LabError, match="vhost-matrix"):
         M.open_run(ctx, "nope", argv=[])
+
+
+def test_resuming_a_finished_run_boots_nothing_and_keeps_its_totals(lab, tmp_path):
+    ctx = context(tmp_path)
+    console = Console(file=io.StringIO(), width=200)
+    first = M.run_matrix(ctx, "vhost-matrix", profile="smoke", console=console)
+    meta = RunStore(first.run_dir).read_meta()
+    boots = (len(lab.host_boots), len(lab.guest_boots))
+    out = io.StringIO()
+    again = M.run_matrix(ctx, "vhost-matrix", resume="latest", console=Console(file=out, width=200))
+    assert (len(lab.host_boots), len(lab.guest_boots)) == boots
+    after = RunStore(first.run_dir).read_meta()
+    assert after.finished_at == meta.finished_at and len(after.extra["sessions"]) == 1
+    assert "0 of 8 cells to run" in out.getvalue()
+    line = M.summary_line(again)
+    assert line.startswith("wall ") and "traffic 80s" in line and "boots" in line
+    assert M.summary_line(replace(again, run_data=replace(again.run_data, meta=RunMeta(run_id="x", matrix="m")),
+                                  traffic_s=0.0)).endswith("no traffic ran in this session")

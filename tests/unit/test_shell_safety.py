@@ -63,6 +63,8 @@ NASTY = [
     "<x",
     "a\tb",
     "a\nb",
+    "a\n",
+    "\n",
     "a\rb",
     "a\x00b",
     "\x1b[31m",
@@ -84,6 +86,13 @@ NASTY = [
 nasty = st.sampled_from(NASTY)
 hostile = st.one_of(nasty, st.text(max_size=30), st.lists(nasty, min_size=1, max_size=4).map("".join))
 CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def no_trailing_newline(s: str) -> bool:
+    """Carve-out for validators in lab/net.py, lab/traffic.py (not this suite's to fix):
+    their `^...$` patterns with .match() let ONE trailing newline through.
+    test_validators_refuse_a_trailing_newline pins that bug down on its own."""
+    return not s.endswith("\n")
 
 
 # --------------------------------------------------------------------------- quote_argv
@@ -318,7 +327,8 @@ def test_real_ssh_local_forward_with_percent_in_path(real_sshd, tmp_path):
 
 
 @settings(max_examples=300, deadline=None)
-@given(server=hostile, congestion=hostile, length=hostile, bind=st.one_of(st.none(), hostile))
+@given(server=hostile.filter(no_trailing_newline), congestion=hostile.filter(no_trailing_newline),
+       length=hostile.filter(no_trailing_newline), bind=st.one_of(st.none(), hostile))
 @example(server="-oX", congestion="", length="", bind=None)
 @example(server="10.0.0.1", congestion="--x", length="-5", bind="--help")
 @example(server="fe80::1%eth0;reboot", congestion="", length="", bind=None)
@@ -340,7 +350,7 @@ def test_iperf3_argv_values_are_single_safe_words(server, congestion, length, bi
 
 
 @settings(max_examples=200, deadline=None)
-@given(netns=hostile, inner=st.lists(hostile, min_size=1, max_size=3))
+@given(netns=hostile.filter(no_trailing_newline), inner=st.lists(hostile, min_size=1, max_size=3))
 def test_netns_exec_argv(netns, inner):
     try:
         argv = traffic.netns_exec_argv(netns, inner)
@@ -372,7 +382,7 @@ def _agent_parse(args: list[str]):
 
 
 @settings(max_examples=300, deadline=None)
-@given(tap=hostile, delay=st.one_of(st.none(), st.floats(0, 1000, allow_nan=False)))
+@given(tap=hostile.filter(no_trailing_newline), delay=st.one_of(st.none(), st.floats(0, 1000, allow_nan=False)))
 @example(tap="--clear", delay=60.0)
 @example(tap="--netns=evil", delay=None)
 @example(tap="-5", delay=None)
@@ -389,7 +399,7 @@ def test_agent_netem_args_deliver_the_tap_or_are_refused(tap, delay):
 
 
 @settings(max_examples=200, deadline=None)
-@given(name=hostile, prefix=hostile)
+@given(name=hostile.filter(no_trailing_newline), prefix=hostile.filter(no_trailing_newline))
 def test_agent_tap_verbs_refuse_or_deliver(name, prefix):
     for verb, key, value in (("tap-delete", "--name", name), ("tap-list", "--prefix", prefix), ("counters", "--dev", name)):
         reply, rc = agent.run_verb([verb, key, value]) if _agent_parse([verb, key, value]) is None else (None, None)
@@ -399,6 +409,44 @@ def test_agent_tap_verbs_refuse_or_deliver(name, prefix):
         parsed = _agent_parse([verb, key, value])
         assert getattr(parsed, key[2:]) == value
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}", value), value
+
+
+TRAILING_NL = [
+    ("lab.net.validate_ifname", lambda v: __import__("lab.net").net.validate_ifname(v), "tap0\n"),
+    ("lab.net.validate_netns", lambda v: __import__("lab.net").net.validate_netns(v), "ns\n"),
+    ("lab.traffic Iperf3Run.congestion", lambda v: traffic.Iperf3Run(server="10.0.0.1", congestion=v), "cubic\n"),
+    ("lab.traffic Iperf3Run.length", lambda v: traffic.Iperf3Run(server="10.0.0.1", length=v), "128K\n"),
+    ("lab.traffic Iperf3Run.server", lambda v: traffic.Iperf3Run(server=v), "host\n"),
+    ("lab.sshkeys.key_dir", lambda v: __import__("lab.sshkeys").sshkeys.key_dir(Path("/w"), v), "vhr\n"),
+]
+
+
+@pytest.mark.xfail(
+    reason="lab/net.py, lab/traffic.py, lab/sshkeys.py (and lab/image.py's recipe patterns) check values with "
+    "re.match against '^...$' patterns: '$' also matches before a trailing newline, so 'tap0\\n' passes. "
+    "Fix: fullmatch (as lab/remote.py and lab/config.py do). Not reachable from lab.toml (lab.config uses "
+    "fullmatch), and the kernel refuses such interface names, so defence in depth only.",
+    strict=False,
+)
+@pytest.mark.parametrize("what,check,value", TRAILING_NL, ids=[t[0] for t in TRAILING_NL])
+def test_validators_refuse_a_trailing_newline(what, check, value):
+    # refused, and clearly: the message names the field (Iperf3Run.length today
+    # fails later, in int(), with "invalid literal for int()")
+    field = what.split(".")[-1].split("_")[-1]
+    with pytest.raises((ValueError, LabError), match=field if "Iperf3Run" in what else None):
+        check(value)
+
+
+def test_remote_validators_refuse_a_trailing_newline():
+    for bad in ("a\n", "root\n"):
+        with pytest.raises(LabError, match="control character"):
+            quote_argv(["echo", bad])
+        with pytest.raises(LabError, match="refusing SSH"):
+            SshEndpoint("10.0.0.1", 22, bad, Path("/k"))
+        with pytest.raises(LabError, match="refusing SSH"):
+            SshEndpoint(bad, 22, "root", Path("/k"))
+    with pytest.raises(LabError, match="refusing SSH key path"):
+        SshEndpoint("10.0.0.1", 22, "root", Path("/k\n"))
 
 
 def test_agent_serve_refuses_non_argv_requests():
@@ -466,24 +514,22 @@ def test_labhost_xml_carries_values_intact(name, path, cmdline, port):
     assert args[1] == f"user,id=labnet,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22"
 
 
-@pytest.mark.xfail(
-    reason="lab/domains.py (lead's) does not refuse values XML 1.0 cannot carry: control characters and "
-    "U+FFFE make malformed XML (libvirt then fails with an XML parse error), and a \\r in element text "
-    "(kernel/initrd paths, cmdline) reads back as \\n. Reachable only through a workdir path with such "
-    "characters (lab.config does not refuse them); names and taps are validated.",
-    strict=False,
-)
-@pytest.mark.parametrize("bad", ["a\x01b", "a\x00b", "a\ufffeb", "a\rb"])
+@pytest.mark.parametrize("bad", ["a\x01b", "a\x00b", "a\ufffeb", "a\rb", "a\x1bb"])
 def test_domain_xml_refuses_what_xml_cannot_carry(bad):
+    """Control characters and U+FFFE would make malformed XML; a \r in element text
+    (kernel/initrd paths, cmdline) would read back as \n: refused, naming the element."""
     p = Path("/w") / bad
-    d = GuestDomain(name="vhr-guest1", vcpus=1, memory_mib=256, kernel=p, initrd=p, cmdline="x", disk=p, tap="vhr-guest1",
-                    mac="52:54:00:00:00:01", backend="vhost", console_log=p)
-    try:
-        xml = guest_xml(d)
-    except ValueError:
-        return  # refused: fine
-    root = ET.fromstring(xml)
-    assert root.findtext("os/kernel") == str(p)
+    guest = dict(name="vhr-guest1", vcpus=1, memory_mib=256, kernel=Path("/k"), initrd=Path("/i"), cmdline="x",
+                 disk=Path("/d"), tap="vhr-guest1", mac="52:54:00:00:00:01", backend="vhost", console_log=Path("/c"))
+    for key in ("name", "kernel", "cmdline", "disk", "tap", "console_log"):
+        value = bad if key in ("name", "cmdline", "tap") else p
+        with pytest.raises(ValueError, match="cannot carry"):
+            guest_xml(GuestDomain(**{**guest, key: value}))
+    host = dict(name="vhr-lab1", vcpus=1, memory_mib=512, kernel=Path("/k"), initrd=Path("/i"), cmdline="x",
+                console_log=Path("/c"), ssh_port=2222, shares=(SharedDir(Path("/"), "labroot"),))
+    for key, value in (("kernel", p), ("cmdline", bad), ("shares", (SharedDir(p, "labroot"),))):
+        with pytest.raises(ValueError, match="cannot carry"):
+            labhost_xml(LabHostDomain(**{**host, key: value}))
 
 
 # --------------------------------------------------------------------------- lab.config names
