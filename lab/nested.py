@@ -243,6 +243,10 @@ def destroy_host(paths: LabPaths, name: str) -> bool:
         conn.close()
     paths.host_runtime(name).unlink(missing_ok=True)
     (paths.host_dir(name) / "ready").unlink(missing_ok=True)
+    # libvirtd socket forwards (NestedHost._forward_socket): their ssh ends with
+    # the VM, but a lab process killed with -9 never removed its socket file.
+    for sock in paths.host_dir(name).glob("libvirt-*.sock"):
+        sock.unlink(missing_ok=True)
     return stopped
 
 
