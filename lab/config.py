@@ -226,6 +226,10 @@ class Expectations:
     no_regression_min_ratio: float = 0.90
     nodrop_retrans_max_fraction: float = 0.001
     delay_min_ratio: float = 0.90
+    # Under TCG the two kernels run in two different lab host boots, and
+    # nodrop/stock at txqueuelen 1000 (where the patch is inert) was measured
+    # anywhere from 0.46 to 1.83: cross-kernel ratios get this looser bound there.
+    tcg_cross_kernel_min_ratio: float = 0.40
     vhost_min_gbps: float = 10.0
 
 

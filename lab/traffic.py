@@ -269,7 +269,8 @@ def parse_iperf3(json_text: str) -> Iperf3Result:
 
     rtts: list[float] = []
     if not reverse:
-        for stream in end.get("streams") or []:
+        streams = end.get("streams")
+        for stream in streams if isinstance(streams, list) else []:
             sender = _dict(_dict(stream).get("sender"))
             rtt = _num(sender.get("mean_rtt"))
             if rtt is not None and sender.get("sender", True):

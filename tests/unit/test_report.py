@@ -26,6 +26,7 @@ class Exp:
     no_regression_min_ratio: float = 0.90
     nodrop_retrans_max_fraction: float = 0.001
     delay_min_ratio: float = 0.90
+    tcg_cross_kernel_min_ratio: float = 0.40
     vhost_min_gbps: float = 10.0
 
 
