@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -326,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lab` console script."""
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        # paramiko logs a failed connection's traceback, line by line, at ERROR; with
+        # no handler Python prints that on stderr. The lab reports the failure itself.
+        logging.getLogger("paramiko").addHandler(logging.NullHandler())
     # SIGTERM takes the same cleanup path as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:

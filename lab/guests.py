@@ -229,5 +229,10 @@ def destroy_guest(paths: LabPaths, host: Host, name: str, tap: str | None) -> No
 
 
 def list_lab_guests(host: Host, lab: str) -> list[tuple[str, bool]]:
-    """(domain name, active) of the lab's guests on `host`."""
-    return sorted((d.name(), bool(d.isActive())) for d in host.libvirt().listAllDomains() if d.name().startswith(lab + "-"))
+    """(domain name, active) of the lab's guests on `host`; HostGone when the host died."""
+    import libvirt
+
+    try:
+        return sorted((d.name(), bool(d.isActive())) for d in host.libvirt().listAllDomains() if d.name().startswith(lab + "-"))
+    except libvirt.libvirtError as e:
+        raise host.libvirt_error(e, "listing domains") from None

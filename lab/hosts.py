@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lab.errors import HostGone, LabError, MissingPiece
-from lab.remote import CommandResult, SshEndpoint, SshRunner, free_loopback_port, quote_argv, ssh_escape
+from lab.remote import ABORT_GRACE_S, CommandResult, SshEndpoint, SshRunner, free_loopback_port, quote_argv, ssh_escape
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LABHOST_INITRAMFS = Path(__file__).with_name("data") / "labhost-initramfs.sh"
@@ -132,6 +132,15 @@ class Host:
             self._libvirt_conn = conn
         return conn
 
+    def libvirt_error(self, e: Exception, what: str) -> LabError:
+        """The LabError to raise for a failed libvirt call: HostGone when the host
+        itself no longer answers. The connection is dropped either way (a dead one
+        would fail every later call), so the next call reconnects."""
+        self._close_libvirt()
+        if not self._answers():
+            return HostGone(f"lab host {self.name} does not answer (libvirt {what}: {e})")
+        return LabError(f"{self.name}: libvirt {what}: {e}")
+
     def _close_libvirt(self) -> None:
         conn = getattr(self, "_libvirt_conn", None)
         self._libvirt_conn = None
@@ -157,7 +166,16 @@ class Host:
         limit = timeout if timeout is not None else 120.0
         session = getattr(self, "_agent_session", None)
         if session is None or not session.alive():
-            session = self._agent_session = self._open_agent()
+            self._agent_session = None
+            try:
+                session = self._open_agent()
+            except LabError:
+                raise
+            except Exception as e:  # socket/paramiko errors: a host that died refuses the connection
+                if not self._answers():
+                    raise HostGone(f"lab host {self.name} does not answer ({type(e).__name__}: {e})") from None
+                raise LabError(f"{self.name}: cannot start the lab agent: {type(e).__name__}: {e}") from None
+            self._agent_session = session
         try:
             data = session.call(args, limit)
         except HostGone:
@@ -387,11 +405,13 @@ class AgentSession:
 
     @classmethod
     def over_ssh(cls, runner: SshRunner, argv: list[str]) -> "AgentSession":
-        """Start the agent through an SSH runner's connection."""
-        conn = runner._connection()
-        conn.open()
-        chan = conn.client.get_transport().open_session()
-        chan.exec_command(quote_argv(argv))
+        """Start the agent through an SSH runner's connection (bounded: a hung host
+        would hold paramiko's channel open and exec waits for many minutes)."""
+        with runner.deadline(2 * runner.endpoint.connect_timeout + ABORT_GRACE_S):
+            conn = runner._connection()
+            conn.open()
+            chan = conn.client.get_transport().open_session()
+            chan.exec_command(quote_argv(argv))
         rfile = chan.makefile("r")
         wfile = chan.makefile_stdin("w")
 

@@ -380,6 +380,55 @@ def test_two_labs_do_not_touch_each_other(vhr_host, lab_files, workdir):
 
 
 @slow
+def test_lab_host_freezes_while_connected(vhr_host, lab_files):
+    """A paused lab host (its QEMU still accepts TCP on the forward, nothing answers):
+    every call ends within its bound with a LabError; after resume everything works again."""
+    from lab.errors import HostGone, LabError
+    from lab.remote import ABORT_GRACE_S
+
+    ctx, host = vhr_host
+    cli = LabCli(lab_files["vhr"])
+    assert host.agent(["probe"], timeout=120)["release"]
+    assert host.run(["true"], timeout=60).rc == 0
+    subprocess.run(["virsh", "-c", "qemu:///system", "suspend", f"{LAB}-lab1"], check=True, timeout=120, capture_output=True)
+    try:
+        connect = host.endpoint().connect_timeout
+        t = time.monotonic()
+        with pytest.raises(LabError) as err:
+            host.agent(["probe"], timeout=10)  # the agent session is open: its reply never comes
+        took = time.monotonic() - t
+        print(f"\n[host frozen] agent on the open session: {type(err.value).__name__} in {took:.1f}s: {err.value}")
+        assert took <= 10 + 5
+
+        t = time.monotonic()
+        with pytest.raises(LabError) as err:
+            host.run(["true"], timeout=10)
+        took = time.monotonic() - t
+        print(f"[host frozen] run on the open connection: in {took:.1f}s: {err.value}")
+        assert took <= 10 + ABORT_GRACE_S + connect + 5
+
+        t = time.monotonic()
+        with pytest.raises((HostGone, LabError)) as err:
+            host.agent(["probe"], timeout=10)  # a new session: connect, exec, then "does the host answer?"
+        took = time.monotonic() - t
+        print(f"[host frozen] agent, new session: {type(err.value).__name__} in {took:.1f}s: {err.value}")
+        assert took <= (2 * connect + ABORT_GRACE_S) + (30 + ABORT_GRACE_S + connect) + 10
+
+        t = time.monotonic()
+        p = cli("status", timeout=600, check=False)
+        took = time.monotonic() - t
+        row = next((line for line in p.stdout.splitlines() if "lab1" in line and "nested" in line), p.stdout + p.stderr)
+        print(f"[host frozen] lab status: exit {p.returncode} in {took:.1f}s: {row.strip()}")
+        assert p.returncode == 0 and "Traceback" not in p.stdout + p.stderr
+        assert "unreachable" in row or "down" in row
+    finally:
+        subprocess.run(["virsh", "-c", "qemu:///system", "resume", f"{LAB}-lab1"], timeout=120, capture_output=True)
+    wait_until(lambda: host.run(["true"], timeout=30, check=False).rc == 0, 180, "the resumed host to answer", interval=2)
+    assert host.agent(["probe"], timeout=120)["release"]
+    assert cli("status", timeout=300).stdout.count(" up ") >= 1
+
+
+@slow
 def test_lab_host_dies_while_connected(vhr_host, lab_files, workdir):
     from lab.errors import HostGone, LabError
     from lab.guests import list_lab_guests
@@ -630,3 +679,89 @@ def test_daemon_not_running_as_non_root_names_the_command(as_nobody, tmp_path, d
     lines = p.stderr.splitlines()
     assert p.returncode == 2 and len(lines) == 1, p.stderr
     assert f"{daemon} is not running" in lines[0] and f"{daemon} -d" in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------- f. a matrix run killed with -9, then --resume
+
+# A small profile of the real matrix: one lab host boot, one guest boot, three cells.
+FAULTS_PROFILE = """
+[matrices.vhost-matrix.profiles.faults]
+kernels = ["stock"]
+backends = ["vhost"]
+txqueuelens = [1000, 100, 1]
+rtts_ms = []
+duration_s = 3
+repeats = 1
+"""
+
+
+def _runs_of(workdir: Path, config: Path) -> list[Path]:
+    """Run directories written by `config` (the runs dir is shared with other labs)."""
+    out = []
+    for meta in sorted((workdir / "runs").glob("*/meta.json")):
+        try:
+            m = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        if m.get("lab_name") == LAB and m.get("config_path") == str(config):
+            out.append(meta.parent)
+    return out
+
+
+@slow
+def test_matrix_kill9_then_resume_records_every_cell_once(vhr, workdir, tmp_path):
+    from lab.cells import expand
+    from lab.config import load_config
+    from lab.results import RunStore
+
+    config = make_lab_toml(tmp_path, LAB, extra=FAULTS_PROFILE)
+    spec = load_config(config).matrices["vhost-matrix"].with_profile("faults")
+    planned = [c.id for c in expand(spec)]
+    cli = LabCli(config)
+    log = tmp_path / "run.log"
+    t0 = time.monotonic()
+    p = subprocess.Popen([sys.executable, "-m", "lab.cli", "-c", str(config), "run", "vhost-matrix", "--profile", "faults"],
+                         stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_lab_env())
+    try:
+        def first_cell():
+            if p.poll() is not None:
+                raise AssertionError(f"lab run ended early ({p.returncode}):\n{log.read_text()}")
+            runs = _runs_of(workdir, config)
+            if runs and (runs[-1] / "results.jsonl").exists():
+                return runs[-1] if (runs[-1] / "results.jsonl").read_bytes().count(b"\n") >= 1 else None
+            return None
+        run_dir = wait_until(first_cell, 1200, "the first cell's result line", interval=0.5)
+        p.kill()
+        p.wait(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(30)
+    killed = RunStore(run_dir).load()
+    print(f"\n[matrix kill -9] after {time.monotonic() - t0:.0f}s: {[r.cell for r in killed.results]} recorded; "
+          f"left: {json.dumps({k: v for k, v in leftovers(LAB, workdir).items() if v})}")
+    assert killed.warnings == [] and 1 <= len(killed.results) < len(planned)
+
+    t1 = time.monotonic()
+    r = cli("run", "vhost-matrix", "--resume", run_dir.name, check=False, timeout=1800)
+    print(f"[matrix resume] exit {r.returncode} in {time.monotonic() - t1:.0f}s; tail:\n{textwrap.indent(r.stdout[-600:], '  ')}")
+    assert r.returncode in (0, 1), r.stdout + r.stderr  # 1: a property failed (one kernel only), not a crash
+    assert "Traceback" not in r.stdout + r.stderr
+
+    data = RunStore(run_dir).load()
+    latest = [x.cell for x in data.latest()]
+    attempts = [x.cell for x in data.results]
+    print(f"[matrix resume] attempts {attempts}; latest {[(x.cell, x.status) for x in data.latest()]}")
+    assert data.warnings == []
+    assert latest == planned  # every planned cell, in plan order, once
+    assert all(x.ok for x in data.latest()), [(x.cell, x.error) for x in data.latest() if not x.ok]
+    # cells recorded before the kill were not run again
+    assert attempts[: len(killed.results)] == [x.cell for x in killed.results]
+    assert sorted(attempts) == sorted(set(attempts))
+    assert len(data.meta.extra.get("resumed", [])) == 1
+
+    cli("down", timeout=300)
+    assert_nothing_left(LAB, workdir, "matrix kill -9, --resume, lab down")
+    # the runs directory is shared by every lab of the workdir: this test's run
+    # must not become the user's `lab report latest`
+    shutil.rmtree(run_dir)

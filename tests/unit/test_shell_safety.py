@@ -88,13 +88,6 @@ hostile = st.one_of(nasty, st.text(max_size=30), st.lists(nasty, min_size=1, max
 CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def no_trailing_newline(s: str) -> bool:
-    """Carve-out for validators in lab/net.py, lab/traffic.py (not this suite's to fix):
-    their `^...$` patterns with .match() let ONE trailing newline through.
-    test_validators_refuse_a_trailing_newline pins that bug down on its own."""
-    return not s.endswith("\n")
-
-
 # --------------------------------------------------------------------------- quote_argv
 
 
@@ -327,8 +320,8 @@ def test_real_ssh_local_forward_with_percent_in_path(real_sshd, tmp_path):
 
 
 @settings(max_examples=300, deadline=None)
-@given(server=hostile.filter(no_trailing_newline), congestion=hostile.filter(no_trailing_newline),
-       length=hostile.filter(no_trailing_newline), bind=st.one_of(st.none(), hostile))
+@given(server=hostile, congestion=hostile,
+       length=hostile, bind=st.one_of(st.none(), hostile))
 @example(server="-oX", congestion="", length="", bind=None)
 @example(server="10.0.0.1", congestion="--x", length="-5", bind="--help")
 @example(server="fe80::1%eth0;reboot", congestion="", length="", bind=None)
@@ -350,7 +343,7 @@ def test_iperf3_argv_values_are_single_safe_words(server, congestion, length, bi
 
 
 @settings(max_examples=200, deadline=None)
-@given(netns=hostile.filter(no_trailing_newline), inner=st.lists(hostile, min_size=1, max_size=3))
+@given(netns=hostile, inner=st.lists(hostile, min_size=1, max_size=3))
 def test_netns_exec_argv(netns, inner):
     try:
         argv = traffic.netns_exec_argv(netns, inner)
@@ -382,7 +375,7 @@ def _agent_parse(args: list[str]):
 
 
 @settings(max_examples=300, deadline=None)
-@given(tap=hostile.filter(no_trailing_newline), delay=st.one_of(st.none(), st.floats(0, 1000, allow_nan=False)))
+@given(tap=hostile, delay=st.one_of(st.none(), st.floats(0, 1000, allow_nan=False)))
 @example(tap="--clear", delay=60.0)
 @example(tap="--netns=evil", delay=None)
 @example(tap="-5", delay=None)
@@ -399,7 +392,7 @@ def test_agent_netem_args_deliver_the_tap_or_are_refused(tap, delay):
 
 
 @settings(max_examples=200, deadline=None)
-@given(name=hostile.filter(no_trailing_newline), prefix=hostile.filter(no_trailing_newline))
+@given(name=hostile, prefix=hostile)
 def test_agent_tap_verbs_refuse_or_deliver(name, prefix):
     for verb, key, value in (("tap-delete", "--name", name), ("tap-list", "--prefix", prefix), ("counters", "--dev", name)):
         reply, rc = agent.run_verb([verb, key, value]) if _agent_parse([verb, key, value]) is None else (None, None)
@@ -421,17 +414,10 @@ TRAILING_NL = [
 ]
 
 
-@pytest.mark.xfail(
-    reason="lab/net.py, lab/traffic.py, lab/sshkeys.py (and lab/image.py's recipe patterns) check values with "
-    "re.match against '^...$' patterns: '$' also matches before a trailing newline, so 'tap0\\n' passes. "
-    "Fix: fullmatch (as lab/remote.py and lab/config.py do). Not reachable from lab.toml (lab.config uses "
-    "fullmatch), and the kernel refuses such interface names, so defence in depth only.",
-    strict=False,
-)
 @pytest.mark.parametrize("what,check,value", TRAILING_NL, ids=[t[0] for t in TRAILING_NL])
 def test_validators_refuse_a_trailing_newline(what, check, value):
-    # refused, and clearly: the message names the field (Iperf3Run.length today
-    # fails later, in int(), with "invalid literal for int()")
+    """`^...$` with re.match lets one trailing newline through ("$" matches before it):
+    every validator uses fullmatch, and says which field it refused."""
     field = what.split(".")[-1].split("_")[-1]
     with pytest.raises((ValueError, LabError), match=field if "Iperf3Run" in what else None):
         check(value)
