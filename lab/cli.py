@@ -212,7 +212,7 @@ def cmd_build(args) -> int:
 
 def cmd_run(args) -> int:
     """Run a matrix (no pytest): results appended per cell, report, properties."""
-    from lab.matrix import run_matrix
+    from lab.measure.matrix import run_matrix
 
     ctx = _context(args)
     outcome = run_matrix(ctx, args.matrix, profile=args.profile, resume=args.resume, keep=args.keep, console=_console())
@@ -222,9 +222,9 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     """Re-render a run from its results file alone."""
     from lab.config import load_config
-    from lab.expect import evaluate
-    from lab.report import render, to_json, to_markdown, to_svg, to_text
-    from lab.results import load_run
+    from lab.verdicts.expect import evaluate
+    from lab.verdicts.report import render, to_json, to_markdown, to_svg, to_text
+    from lab.verdicts.results import load_run
 
     cfg = load_config(args.config)
     data = load_run(cfg.workdir, args.run)

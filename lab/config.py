@@ -217,7 +217,7 @@ class MatrixSpec:
 
 @dataclass(frozen=True)
 class Expectations:
-    """Thresholds of the properties lab.expect asserts over a matrix run."""
+    """Thresholds of the properties lab.verdicts.expect asserts over a matrix run."""
 
     stock_kernel: str
     nodrop_kernel: str
@@ -1025,7 +1025,7 @@ def _jsonable(value: Any) -> Any:
 
 def config_to_dict(cfg: LabConfig) -> dict[str, Any]:
     """The resolved lab as JSON-safe data; matrices and profiles carry their cell counts."""
-    from lab.cells import expand  # lab.cells imports this module's types
+    from lab.measure.cells import expand  # lab.measure.cells imports this module's types
 
     out: dict[str, Any] = _jsonable(cfg)
     for name, matrix in cfg.matrices.items():
@@ -1043,7 +1043,7 @@ def render_config(cfg: LabConfig) -> Any:
     from rich.console import Group
     from rich.table import Table
 
-    from lab.cells import expand
+    from lab.measure.cells import expand
 
     def table(title: str, *columns: str) -> Table:
         t = Table(title=title, title_justify="left", title_style="bold")

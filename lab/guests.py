@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lab.domains import GuestDomain, guest_mac, guest_xml
+from lab.hosts.domains import GuestDomain, guest_mac, guest_xml
 from lab.errors import LabError
-from lab.hosts import Host
-from lab.initramfs import InitramfsSpec, cached_initramfs
+from lab.hosts.host import Host
+from lab.artifacts.initramfs import InitramfsSpec, cached_initramfs
 from lab.paths import LabPaths
-from lab.remote import SshEndpoint, SshRunner
+from lab.hosts.remote import SshEndpoint, SshRunner
 
 GUEST_INITRAMFS = Path(__file__).with_name("data") / "guest-initramfs.sh"
 # ext4 asks the crypto API for crc32c at mount time: not a modules.dep dependency.

@@ -16,10 +16,10 @@ from typing import Callable
 from lab.config import GuestSpec, HostSpec, LabConfig
 from lab.errors import ConfigError, HostGone, LabError
 from lab.guests import GuestPlan, RunningGuest, boot_guest, destroy_guest, guest_endpoint, list_lab_guests
-from lab.hosts import Host, LocalHost, SshHost
-from lab.nested import KernelBoot, boot_host, destroy_host, find_host, lab_domains
+from lab.hosts.host import Host, LocalHost, SshHost
+from lab.hosts.nested import KernelBoot, boot_host, destroy_host, find_host, lab_domains
 from lab.paths import LabPaths
-from lab.sshkeys import SshKeyPair, ensure_keypair
+from lab.hosts.sshkeys import SshKeyPair, ensure_keypair
 
 Progress = Callable[[str, float | None], None]
 
@@ -56,7 +56,7 @@ class LabContext:
 
 def kernel_boot(ctx: LabContext, recipe_name: str, progress: Progress = _noop) -> KernelBoot:
     """The kernel artifact for a recipe, built if missing."""
-    from lab.kernel import build_kernel
+    from lab.artifacts.kernel import build_kernel
 
     recipe = ctx.cfg.kernels[recipe_name]
     art = build_kernel(recipe, ctx.cfg.workdir, progress=progress, timeout=ctx.cfg.timeouts.build)
@@ -70,7 +70,7 @@ def guest_kernel(ctx: LabContext, progress: Progress = _noop) -> KernelBoot:
 
 def guest_image(ctx: LabContext, image_name: str, progress: Progress = _noop) -> Path:
     """The base disk of an image recipe, built if missing."""
-    from lab.image import build_image
+    from lab.artifacts.image import build_image
 
     ref = ctx.cfg.images[image_name]
     img = build_image(ref.recipe, ctx.cfg.workdir, ctx.key.public_key_text(), progress=progress, timeout=ctx.cfg.timeouts.build)
@@ -182,7 +182,7 @@ def preflight(ctx: LabContext, names: list[str]) -> None:
     guests, host_names = select(ctx.cfg, names)
     hosts = {g.host for g in guests} | set(host_names)
     if any(ctx.cfg.hosts[h].provider == "nested" for h in hosts):
-        from lab.hosts import outer_libvirt
+        from lab.hosts.host import outer_libvirt
 
         outer_libvirt().close()
 

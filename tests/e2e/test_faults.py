@@ -259,7 +259,7 @@ def test_kill9_during_up_then_down_leaves_nothing(vhr, lab_files, workdir, tmp_p
 def test_hung_guest_is_bounded_then_crash_is_seen(vhr, lab_files, workdir):
     from lab.config import load_config
     from lab.lifecycle import LabContext, guest_ssh_endpoint
-    from lab.remote import ABORT_GRACE_S, SshRunner
+    from lab.hosts.remote import ABORT_GRACE_S, SshRunner
 
     t0 = time.monotonic()
     vhr("up", timeout=1200)
@@ -384,7 +384,7 @@ def test_lab_host_freezes_while_connected(vhr_host, lab_files):
     """A paused lab host (its QEMU still accepts TCP on the forward, nothing answers):
     every call ends within its bound with a LabError; after resume everything works again."""
     from lab.errors import HostGone, LabError
-    from lab.remote import ABORT_GRACE_S
+    from lab.hosts.remote import ABORT_GRACE_S
 
     ctx, host = vhr_host
     cli = LabCli(lab_files["vhr"])
@@ -476,7 +476,7 @@ def test_lab_host_dies_while_connected(vhr_host, lab_files, workdir):
 def test_tap_cleanup_by_prefix_touches_only_its_own_lab(e2e_ready):
     """Taps of labs vhr, vhs and vhr2 (a lab whose name starts like vhr's) in one
     namespace: listing and cleaning up vhr's (as lab down does, by "<lab>-") leaves the others."""
-    from lab import net
+    from lab.measure import net
 
     ns = f"{LAB}-iso-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
@@ -492,7 +492,7 @@ def test_tap_cleanup_by_prefix_touches_only_its_own_lab(e2e_ready):
         env = dict(os.environ, PYTHONPATH=str(REPO))
 
         def agent(*args: str) -> dict:
-            p = subprocess.run([sys.executable, "-m", "lab.agent", "--netns", ns, *args], capture_output=True, text=True,
+            p = subprocess.run([sys.executable, "-m", "lab.measure.agent", "--netns", ns, *args], capture_output=True, text=True,
                                timeout=60, env=env)
             return json.loads(p.stdout)
 
@@ -516,7 +516,7 @@ def test_tap_cleanup_by_prefix_touches_only_its_own_lab(e2e_ready):
 WRITER = textwrap.dedent(
     """
     import sys, time
-    from lab.results import CellResult, RunMeta, RunStore
+    from lab.verdicts.results import CellResult, RunMeta, RunStore
     store = RunStore(sys.argv[1])
     store.create(RunMeta(run_id="r1", matrix="m", planned=[f"c{i}" for i in range(1000)]))
     i = 0
@@ -532,7 +532,7 @@ WRITER = textwrap.dedent(
 
 
 def test_results_survive_kill9_and_a_torn_line(tmp_path):
-    from lab.results import CellResult, RunStore
+    from lab.verdicts.results import CellResult, RunStore
 
     run_dir = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-c", WRITER, str(run_dir)], stdout=subprocess.PIPE, text=True,
@@ -710,9 +710,9 @@ def _runs_of(workdir: Path, config: Path) -> list[Path]:
 
 @slow
 def test_matrix_kill9_then_resume_records_every_cell_once(vhr, workdir, tmp_path):
-    from lab.cells import expand
+    from lab.measure.cells import expand
     from lab.config import load_config
-    from lab.results import RunStore
+    from lab.verdicts.results import RunStore
 
     config = make_lab_toml(tmp_path, LAB, extra=FAULTS_PROFILE)
     spec = load_config(config).matrices["vhost-matrix"].with_profile("faults")

@@ -1,4 +1,4 @@
-"""lab.image for real: mmdebstrap from Debian's mirror -> ext4 -> qcow2, checked with debugfs.
+"""lab.artifacts.image for real: mmdebstrap from Debian's mirror -> ext4 -> qcow2, checked with debugfs.
 
 Needs root, mmdebstrap, e2fsprogs, qemu-utils and Debian's mirror. A cold build
 takes about half a minute here. Set VHOST_LAB_WORKDIR to reuse a cache
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from lab.errors import ConfigError, LabError
-from lab.image import build_image, load_recipe
-from lab.sshkeys import ensure_keypair
+from lab.artifacts.image import build_image, load_recipe
+from lab.hosts.sshkeys import ensure_keypair
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "images" / "bookworm.toml"

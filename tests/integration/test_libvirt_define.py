@@ -1,4 +1,4 @@
-"""lab.domains against the real libvirtd on this machine: define (never start) a
+"""lab.hosts.domains against the real libvirtd on this machine: define (never start) a
 lab host and guests, read the XML back through libvirt's parser, undefine.
 
 Domains carry a unique "vhu-test-<hex>" prefix and are undefined in a
@@ -29,9 +29,9 @@ if libvirt is None:
 if not SOCK.exists():
     pytest.skip(f"{SOCK} is absent: libvirtd is not running (virtlogd -d; libvirtd -d)", allow_module_level=True)
 
-from lab.domains import QEMU_NS, GuestDomain, LabHostDomain, SharedDir, guest_mac, guest_xml, labhost_xml  # noqa: E402
-from lab.hosts import HostRuntime, outer_libvirt  # noqa: E402
-from lab.nested import destroy_host, lab_domains  # noqa: E402
+from lab.hosts.domains import QEMU_NS, GuestDomain, LabHostDomain, SharedDir, guest_mac, guest_xml, labhost_xml  # noqa: E402
+from lab.hosts.host import HostRuntime, outer_libvirt  # noqa: E402
+from lab.hosts.nested import destroy_host, lab_domains  # noqa: E402
 from lab.paths import LabPaths  # noqa: E402
 
 CMDLINE = "console=ttyS0 lab.note=<a&b> \"quoted\" 'single'"

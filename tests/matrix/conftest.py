@@ -1,4 +1,4 @@
-"""The pytest face of the matrix runner (lab/matrix.py).
+"""The pytest face of the matrix runner (lab/measure/matrix.py).
 
     pytest tests/matrix [--matrix NAME] [--profile NAME] [--resume RUN] [--keep] [--lab-config PATH]
 
@@ -37,7 +37,7 @@ NOT_REQUESTED_WHY = (
     "`pytest tests/matrix [--profile smoke]` or select them with `-m matrix`"
 )
 
-log = logging.getLogger("lab.matrix")
+log = logging.getLogger("lab.measure.matrix")
 
 
 # --------------------------------------------------------------------------- options
@@ -104,11 +104,11 @@ def selection(config: pytest.Config) -> Selection:
     if not requested(config):
         sel = Selection(requested=False)
     else:
-        from lab.cells import expand
+        from lab.measure.cells import expand
         from lab.config import load_config
         from lab.errors import LabError
-        from lab.matrix import matrix_spec, property_names
-        from lab.results import RunStore, resolve_run
+        from lab.measure.matrix import matrix_spec, property_names
+        from lab.verdicts.results import RunStore, resolve_run
 
         try:
             cfg = load_config(_opt(config, "lab_config"))
@@ -155,7 +155,7 @@ def cannot_run() -> str | None:
     except ImportError:
         return "libvirt-python is not installed (pip install -e .[test]; needs libvirt-dev and pkg-config)"
     from lab.errors import LabError
-    from lab.hosts import outer_libvirt
+    from lab.hosts.host import outer_libvirt
 
     try:
         outer_libvirt().close()
@@ -177,18 +177,18 @@ def _progress(step: str, fraction: float | None) -> None:
 class MatrixSession:
     """A matrix run driven by pytest: the runner, and the outcome once finished."""
 
-    runner: Any  # lab.matrix.MatrixRunner
+    runner: Any  # lab.measure.matrix.MatrixRunner
     ctx: Any  # lab.lifecycle.LabContext
     keep: bool
     t0: float
     started_at: str
     completed_at_start: dict[str, Any]  # cell id -> stored ok CellResult (resume)
-    outcome: Any = None  # lab.matrix.MatrixOutcome
+    outcome: Any = None  # lab.measure.matrix.MatrixOutcome
     stopped: str | None = None
 
     def finish(self) -> Any:
         """Tear down what the run booted, evaluate the properties, write meta (again: idempotent)."""
-        from lab.matrix import finish_run
+        from lab.measure.matrix import finish_run
 
         try:
             self.runner.close(keep=self.keep)
@@ -208,8 +208,8 @@ def matrix_run(request: pytest.FixtureRequest):
     if why:
         pytest.skip(why)
     from lab.lifecycle import LabContext
-    from lab.matrix import MatrixRunner, open_run
-    from lab.results import now_iso
+    from lab.measure.matrix import MatrixRunner, open_run
+    from lab.verdicts.results import now_iso
 
     t0, at = time.monotonic(), now_iso()
     ctx = LabContext.open(sel.cfg)
@@ -242,8 +242,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         return
     from rich.console import Console
 
-    from lab.matrix import summary_line
-    from lab.report import render
+    from lab.measure.matrix import summary_line
+    from lab.verdicts.report import render
 
     o = state.outcome
     exp = state.ctx.cfg.expectations

@@ -1,4 +1,4 @@
-"""The vhost matrix as pytest tests: one per cell, then one per property (lab/expect.py).
+"""The vhost matrix as pytest tests: one per cell, then one per property (lab/verdicts/expect.py).
 
     pytest tests/matrix --profile smoke -v
     pytest tests/matrix --resume latest          # only missing/errored cells run
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from lab.errors import HostGone
-from lab.expect import fmt_mbps
+from lab.verdicts.expect import fmt_mbps
 
 pytestmark = [pytest.mark.matrix, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""lab.cells: cell ids, their inverse, and matrix expansion."""
+"""lab.measure.cells: cell ids, their inverse, and matrix expansion."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lab.cells import Cell, expand, format_rtt, parse_cell_id
+from lab.measure.cells import Cell, expand, format_rtt, parse_cell_id
 from lab.config import DEFAULT_CONFIG, Iperf3Options, MatrixSpec, load_config
 
 

@@ -1,4 +1,4 @@
-"""lab.domains: the libvirt XML of lab hosts and guests, parsed back, never string-built.
+"""lab.hosts.domains: the libvirt XML of lab hosts and guests, parsed back, never string-built.
 
 libvirt's own parser sees the same XML in tests/integration/test_libvirt_define.py.
 """
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lab.domains import QEMU_NS, GuestDomain, LabHostDomain, SharedDir, guest_mac, guest_xml, labhost_xml
+from lab.hosts.domains import QEMU_NS, GuestDomain, LabHostDomain, SharedDir, guest_mac, guest_xml, labhost_xml
 
 HOSTILE = "x</name><devices><emulator>/bin/sh</emulator></devices><name>&amp; \"'<!-- ]]> &#0; ${IFS}"
 

@@ -1,4 +1,4 @@
-"""lab.expect: every property passes on the cover letter's numbers, fails with a detail naming
+"""lab.verdicts.expect: every property passes on the cover letter's numbers, fails with a detail naming
 cells and numbers when the shape is wrong, and is n/a when its cells are absent or errored.
 
 The synthetic result sets are the reference results of shared/DESIGN.md (the patch's
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lab.expect import DESCRIPTIONS, Property, all_passed, evaluate, fmt_mbps, fmt_ratio
-from lab.results import CellResult, aggregate
+from lab.verdicts.expect import DESCRIPTIONS, Property, all_passed, evaluate, fmt_mbps, fmt_ratio
+from lab.verdicts.results import CellResult, aggregate
 
 
 @dataclass(frozen=True)

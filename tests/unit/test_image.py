@@ -1,4 +1,4 @@
-"""lab.image (recipe validation, cache key, overlay argv, error classification) and lab.sshkeys.
+"""lab.artifacts.image (recipe validation, cache key, overlay argv, error classification) and lab.hosts.sshkeys.
 
 No mmdebstrap run here: the real build is tests/integration/test_image_build.py.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from lab import image
+from lab.artifacts import image
 from lab.errors import ConfigError, LabError
-from lab.image import (
+from lab.artifacts.image import (
     GuestImage,
     ImageRecipe,
     build_image,
@@ -23,7 +23,7 @@ from lab.image import (
     image_key,
     load_recipe,
 )
-from lab.sshkeys import ensure_keypair
+from lab.hosts.sshkeys import ensure_keypair
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "images" / "bookworm.toml"

@@ -1,4 +1,4 @@
-"""lab.initramfs on the real Debian module tree: dependency order, built-in modules,
+"""lab.artifacts.initramfs on the real Debian module tree: dependency order, built-in modules,
 the newc archive (read back by our own parser and by cpio(1)), and the cache.
 """
 
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from lab import initramfs
+from lab.artifacts import initramfs
 from lab.errors import MissingPiece
-from lab.initramfs import InitramfsSpec, build_initramfs, cached_initramfs, resolve_modules
-from lab.nested import LABHOST_MODULES
+from lab.artifacts.initramfs import InitramfsSpec, build_initramfs, cached_initramfs, resolve_modules
+from lab.hosts.nested import LABHOST_MODULES
 
 RELEASE = "6.12.117+deb12-amd64"
 MODULES = Path("/lib/modules") / RELEASE

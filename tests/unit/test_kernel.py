@@ -1,4 +1,4 @@
-"""lab.kernel without the long build: cache key, patch series, touched paths,
+"""lab.artifacts.kernel without the long build: cache key, patch series, touched paths,
 Debian release names, the artifact cache, and patch failures.
 
 A patch that does not apply is exercised through the public `build_kernel` on
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from lab import kernel
+from lab.artifacts import kernel
 from lab.errors import LabError
-from lab.hosts import HostRuntime
-from lab.kernel import (
+from lab.hosts.host import HostRuntime
+from lab.artifacts.kernel import (
     MANIFEST,
     KernelArtifact,
     KernelRecipe,
@@ -34,8 +34,8 @@ from lab.kernel import (
     load_artifact,
     touched_paths,
 )
-from lab.nested import KernelBoot, artifact_build_ids
-from lab.probe import module_file_build_id
+from lab.hosts.nested import KernelBoot, artifact_build_ids
+from lab.hosts.probe import module_file_build_id
 
 DEBIAN_VERSION = "6.12.117-1~deb12u1"
 DEBIAN_RELEASE = "6.12.117+deb12-amd64"
@@ -580,7 +580,7 @@ def test_modules_patch_outside_lab_modules_is_refused_early(tmp_path: Path) -> N
 
 
 # --------------------------------------------------------------------------
-# From an artifact to what a lab host boots (lab.nested) and remembers (lab.hosts)
+# From an artifact to what a lab host boots (lab.hosts.nested) and remembers (lab.hosts.host)
 # --------------------------------------------------------------------------
 
 
@@ -670,7 +670,7 @@ def test_key_follows_tracked_edits_in_a_git_tree(tree: Path) -> None:
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="bug: lab/kernel.py touched_paths() reads '--- '/'+++ ' lines inside hunks as file headers",
+    reason="bug: lab/artifacts/kernel.py touched_paths() reads '--- '/'+++ ' lines inside hunks as file headers",
 )
 def test_touched_paths_not_fooled_by_hunk_content(tmp_path: Path) -> None:
     patch = _write(

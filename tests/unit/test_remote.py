@@ -1,4 +1,4 @@
-"""lab.remote: quoting once, ssh argv (with a jump host), bounded waits, loopback ports."""
+"""lab.hosts.remote: quoting once, ssh argv (with a jump host), bounded waits, loopback ports."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from lab.errors import CommandFailed, LabError
-from lab.remote import (
+from lab.hosts.remote import (
     CommandResult,
     SshEndpoint,
     free_loopback_port,

@@ -1,4 +1,4 @@
-"""lab.report: the rich report, the text/markdown/JSON/SVG exports and the live progress view,
+"""lab.verdicts.report: the rich report, the text/markdown/JSON/SVG exports and the live progress view,
 all rendered from a run stored on disk (synthetic cells with the cover letter's numbers)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from lab.expect import evaluate
-from lab.report import MatrixProgress, render, to_json, to_markdown, to_svg, to_text
-from lab.results import CellResult, RunData, RunMeta, RunStore
+from lab.verdicts.expect import evaluate
+from lab.verdicts.report import MatrixProgress, render, to_json, to_markdown, to_svg, to_text
+from lab.verdicts.results import CellResult, RunData, RunMeta, RunStore
 
 
 @dataclass(frozen=True)

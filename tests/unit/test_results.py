@@ -1,4 +1,4 @@
-"""lab.results: the run store (append/fsync, torn and corrupt lines, resume) and aggregation."""
+"""lab.verdicts.results: the run store (append/fsync, torn and corrupt lines, resume) and aggregation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lab.errors import LabError
-from lab.results import (
+from lab.verdicts.results import (
     STABLE_KEYS,
     CellResult,
     RunMeta,

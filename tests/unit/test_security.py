@@ -1,9 +1,9 @@
 """Secrets: the lab's key pair is an ed25519 key kept private, and never leaves the key directory.
 
-- lab.sshkeys: ed25519, private key 0600, its directory 0700 (also under a
+- lab.hosts.sshkeys: ed25519, private key 0600, its directory 0700 (also under a
   careless umask, also when they existed with looser modes), an existing key
   is never replaced, an interrupted generation leaves nothing half-written.
-- lab.results: a run directory written the way a matrix run writes it (meta,
+- lab.verdicts.results: a run directory written the way a matrix run writes it (meta,
   cell results with the commands run, errors from failed SSH commands) holds
   no private key material and no "PRIVATE KEY".
 - lab.toml: no credential keys are accepted anywhere, and the repository's
@@ -26,7 +26,7 @@ import pytest
 
 from lab.config import ConfigError, load_config, loads_config
 from lab.errors import CommandFailed
-from lab.sshkeys import KEY_NAME, ensure_keypair, key_dir
+from lab.hosts.sshkeys import KEY_NAME, ensure_keypair, key_dir
 
 REPO = Path(__file__).resolve().parents[2]
 LAB = "vhs"
@@ -73,7 +73,7 @@ def test_keypair_is_ed25519_private_0600_dir_0700(tmp_path):
 
 @needs_keygen
 def test_keypair_modes_hold_under_umask_0(tmp_path):
-    code = f"import os; os.umask(0); from lab.sshkeys import ensure_keypair; ensure_keypair({str(tmp_path)!r}, {LAB!r})"
+    code = f"import os; os.umask(0); from lab.hosts.sshkeys import ensure_keypair; ensure_keypair({str(tmp_path)!r}, {LAB!r})"
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
     d = key_dir(tmp_path, LAB)
     assert _mode(d) == 0o700 and _mode(d / KEY_NAME) == 0o600
@@ -96,7 +96,7 @@ def test_existing_key_is_kept_and_loose_modes_are_tightened(tmp_path):
 def test_interrupted_generation_leaves_no_key(tmp_path):
     """A kill -9 during ssh-keygen: no half-written key that later runs would trust."""
     code = (
-        "import os, signal, lab.sshkeys as k\n"
+        "import os, signal, lab.hosts.sshkeys as k\n"
         "real = k._run\n"
         "def run(argv):\n"
         "    real(argv)\n"
@@ -122,12 +122,12 @@ def test_interrupted_generation_leaves_no_key(tmp_path):
 
 @needs_keygen
 def test_run_directory_holds_no_private_key_material(tmp_path):
-    """A run written the way lab.matrix writes one, by a lab whose key pair exists."""
-    from lab.cells import expand
+    """A run written the way lab.measure.matrix writes one, by a lab whose key pair exists."""
+    from lab.measure.cells import expand
     from lab.lifecycle import LabContext
-    from lab.matrix import cell_result_from_stream, describe_error, error_result, open_run
-    from lab.remote import SshEndpoint
-    from lab.results import RunStore
+    from lab.measure.matrix import cell_result_from_stream, describe_error, error_result, open_run
+    from lab.hosts.remote import SshEndpoint
+    from lab.verdicts.results import RunStore
 
     recipe = tmp_path / "recipe.toml"
     recipe.write_text("")

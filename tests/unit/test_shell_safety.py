@@ -25,12 +25,12 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from lab import agent, traffic
+from lab.measure import agent, traffic
 from lab.config import ConfigError, loads_config
-from lab.domains import GuestDomain, LabHostDomain, SharedDir, guest_xml, labhost_xml
+from lab.hosts.domains import GuestDomain, LabHostDomain, SharedDir, guest_xml, labhost_xml
 from lab.errors import LabError
-from lab.matrix import agent_netem_args, guest_netem_argv
-from lab.remote import SshEndpoint, quote_argv
+from lab.measure.matrix import agent_netem_args, guest_netem_argv
+from lab.hosts.remote import SshEndpoint, quote_argv
 
 REPO = Path(__file__).resolve().parents[2]
 LAB_SRC = REPO / "lab"
@@ -299,7 +299,7 @@ def test_real_ssh_round_trips_any_argv(real_sshd, argv):
 
 def test_real_ssh_local_forward_with_percent_in_path(real_sshd, tmp_path):
     """The libvirt socket forward (-L path:...) is %-expanded by ssh: the lab escapes it."""
-    from lab.remote import ssh_escape
+    from lab.hosts.remote import ssh_escape
 
     ep = SshEndpoint("127.0.0.1", real_sshd["port"], "root", real_sshd["key"], connect_timeout=10)
     sock = tmp_path / "fwd%h%p.sock"
@@ -405,12 +405,12 @@ def test_agent_tap_verbs_refuse_or_deliver(name, prefix):
 
 
 TRAILING_NL = [
-    ("lab.net.validate_ifname", lambda v: __import__("lab.net").net.validate_ifname(v), "tap0\n"),
-    ("lab.net.validate_netns", lambda v: __import__("lab.net").net.validate_netns(v), "ns\n"),
-    ("lab.traffic Iperf3Run.congestion", lambda v: traffic.Iperf3Run(server="10.0.0.1", congestion=v), "cubic\n"),
-    ("lab.traffic Iperf3Run.length", lambda v: traffic.Iperf3Run(server="10.0.0.1", length=v), "128K\n"),
-    ("lab.traffic Iperf3Run.server", lambda v: traffic.Iperf3Run(server=v), "host\n"),
-    ("lab.sshkeys.key_dir", lambda v: __import__("lab.sshkeys").sshkeys.key_dir(Path("/w"), v), "vhr\n"),
+    ("lab.measure.net.validate_ifname", lambda v: __import__("lab.measure.net").measure.net.validate_ifname(v), "tap0\n"),
+    ("lab.measure.net.validate_netns", lambda v: __import__("lab.measure.net").measure.net.validate_netns(v), "ns\n"),
+    ("lab.measure.traffic Iperf3Run.congestion", lambda v: traffic.Iperf3Run(server="10.0.0.1", congestion=v), "cubic\n"),
+    ("lab.measure.traffic Iperf3Run.length", lambda v: traffic.Iperf3Run(server="10.0.0.1", length=v), "128K\n"),
+    ("lab.measure.traffic Iperf3Run.server", lambda v: traffic.Iperf3Run(server=v), "host\n"),
+    ("lab.hosts.sshkeys.key_dir", lambda v: __import__("lab.hosts.sshkeys").hosts.sshkeys.key_dir(Path("/w"), v), "vhr\n"),
 ]
 
 
@@ -645,6 +645,6 @@ def test_remote_command_lines_come_from_quote_argv():
                 ok = isinstance(arg, ast.Call) and getattr(arg.func, "id", "") == "quote_argv"
                 assert ok, f"{path.name}:{node.lineno}: exec_command without quote_argv"
     assert seen >= 1
-    remote = (LAB_SRC / "remote.py").read_text()
+    remote = (LAB_SRC / "hosts" / "remote.py").read_text()
     # SshRunner.run hands fabric the quoted line and nothing else
     assert re.search(r"line = quote_argv\(argv\)", remote) and re.search(r"\.run\(\s*line,", remote)

@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lab.errors import HostGone, LabError, MissingPiece
-from lab.remote import ABORT_GRACE_S, CommandResult, SshEndpoint, SshRunner, free_loopback_port, quote_argv, ssh_escape
+from lab.hosts.remote import ABORT_GRACE_S, CommandResult, SshEndpoint, SshRunner, free_loopback_port, quote_argv, ssh_escape
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-LABHOST_INITRAMFS = Path(__file__).with_name("data") / "labhost-initramfs.sh"
-LABHOST_INIT = Path(__file__).with_name("data") / "labhost-init.sh"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).resolve().parents[1] / "data"
+LABHOST_INITRAMFS = DATA / "labhost-initramfs.sh"
+LABHOST_INIT = DATA / "labhost-init.sh"
 # Where a lab host keeps guest disks and logs (tmpfs inside the lab host) and
 # the share that is this machine's per-host state directory.
 HOST_VAR = "/var/lib/vhost-lab"
@@ -159,7 +160,7 @@ class Host:
     def agent(self, args: list[str], timeout: float | None = None) -> dict:
         """Run one lab agent verb on the host and return its JSON reply.
 
-        Calls go to one long-lived `python -m lab.agent serve` per host (a
+        Calls go to one long-lived `python -m lab.measure.agent serve` per host (a
         Python start on a TCG lab host costs seconds); a session that died
         or timed out is replaced on the next call.
         """
@@ -196,7 +197,7 @@ class Host:
         return self.run(["true"], timeout=30, check=False).rc == 0
 
     def _open_agent(self) -> "AgentSession":
-        """Start `python -m lab.agent serve` on the host."""
+        """Start `python -m lab.measure.agent serve` on the host."""
         raise NotImplementedError
 
     def _close_agent(self) -> None:
@@ -264,7 +265,7 @@ class LocalHost(Host):
         return "qemu:///system"
 
     def _open_agent(self) -> "AgentSession":
-        return AgentSession.local(self.python() + ["-m", "lab.agent", "serve"])
+        return AgentSession.local(self.python() + ["-m", "lab.measure.agent", "serve"])
 
     def local_guest_log(self, guest: str) -> Path | None:
         return Path(self.guest_log(guest))
@@ -315,7 +316,7 @@ class SshHost(Host):
         self._runner.close()
 
     def _open_agent(self) -> "AgentSession":
-        return AgentSession.over_ssh(self._runner, self.python() + ["-m", "lab.agent", "serve"])
+        return AgentSession.over_ssh(self._runner, self.python() + ["-m", "lab.measure.agent", "serve"])
 
 
 @dataclass
@@ -394,11 +395,11 @@ class NestedHost(Host):
         self._runner.close()
 
     def _open_agent(self) -> "AgentSession":
-        return AgentSession.over_ssh(self._runner, self.python() + ["-m", "lab.agent", "serve"])
+        return AgentSession.over_ssh(self._runner, self.python() + ["-m", "lab.measure.agent", "serve"])
 
 
 class AgentSession:
-    """One `lab.agent serve` process on a host: JSON argv lines in, JSON replies out."""
+    """One `lab.measure.agent serve` process on a host: JSON argv lines in, JSON replies out."""
 
     def __init__(self, send, readline, set_timeout, closer, alive) -> None:
         self._send, self._readline, self._set_timeout, self._closer, self._alive = send, readline, set_timeout, closer, alive

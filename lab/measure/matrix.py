@@ -36,10 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lab import expect, guests, lifecycle, nested
-from lab.cells import Cell, expand
+from lab import guests, lifecycle
+from lab.hosts import nested
+from lab.verdicts import expect
+from lab.measure.cells import Cell, expand
 from lab.errors import HostGone, LabError
-from lab.results import (
+from lab.verdicts.results import (
     STABLE_KEYS,
     STATUS_ERROR,
     STATUS_OK,
@@ -53,17 +55,17 @@ from lab.results import (
     resolve_run,
     runs_dir,
 )
-from lab.traffic import iperf3_server_argv
+from lab.measure.traffic import iperf3_server_argv
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from lab.config import LabConfig, MatrixSpec
     from lab.guests import GuestPlan, RunningGuest
-    from lab.hosts import Host
+    from lab.hosts.host import Host
     from lab.lifecycle import LabContext
 
-log = logging.getLogger("lab.matrix")
+log = logging.getLogger("lab.measure.matrix")
 
 Progress = Callable[[str, float | None], None]
 
@@ -284,7 +286,7 @@ def boot_counts(cells: Iterable[Cell], running_kernel: str | None = None, runnin
 
 
 def property_names(backends: Iterable[str], expectations: expect.ExpectationsLike) -> list[str]:
-    """The names lab.expect.evaluate gives its properties for a run over `backends`, in its order.
+    """The names lab.verdicts.expect.evaluate gives its properties for a run over `backends`, in its order.
 
     Derived from evaluate itself (over one placeholder cell per backend), so
     the names can never drift from what the evaluation reports.
@@ -435,7 +437,7 @@ class MatrixRunner:
         to = cfg.timeouts.command
 
         def agent(args: list[str], timeout: float) -> dict[str, Any]:
-            commands.append([*host.python(), "-m", "lab.agent", *args])
+            commands.append([*host.python(), "-m", "lab.measure.agent", *args])
             return host.agent(args, timeout=timeout)
 
         tap_delay, guest_delay = netem_delays(cell.rtt_ms, self.spec.netem_split)
@@ -880,7 +882,7 @@ def run_matrix(
     """
     from rich.console import Console
 
-    from lab.report import MatrixProgress, render
+    from lab.verdicts.report import MatrixProgress, render
 
     console = console or Console()
     session_t0, session_at = time.monotonic(), now_iso()

@@ -1,6 +1,6 @@
 """The properties asserted over a matrix run; one module for the CLI and pytest alike.
 
-Every property compares medians of aggregated cells (lab.results.CellSummary)
+Every property compares medians of aggregated cells (lab.verdicts.results.CellSummary)
 against a threshold of [expectations] in lab.toml. Properties are evaluated
 per backend present in the run and are named "<backend>/<property>", e.g.
 "vhost/stock-collapses-qlen1". A property whose cells are absent (a smoke
@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lab.results import CellSummary
+from lab.verdicts.results import CellSummary
 
 # Stable property names (the part after "<backend>/") with their one-line descriptions.
 DESCRIPTIONS: dict[str, str] = {

@@ -1,7 +1,7 @@
 """Reports over a run: rich terminal tables, and exports (plain text, markdown, JSON, SVG).
 
-Everything here renders from a results file as loaded by lab.results (a
-RunData) plus the properties lab.expect evaluated over it; nothing reads live
+Everything here renders from a results file as loaded by lab.verdicts.results (a
+RunData) plus the properties lab.verdicts.expect evaluated over it; nothing reads live
 state, so any past run can be re-rendered. Also the live progress view the
 matrix runner shows while cells run (MatrixProgress).
 
@@ -34,7 +34,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from lab.expect import (
+from lab.verdicts.expect import (
     Property,
     all_passed,
     backends_in_order,
@@ -42,7 +42,7 @@ from lab.expect import (
     fmt_ratio,
     ratio,
 )
-from lab.results import CellSummary, RunData, Stat
+from lab.verdicts.results import CellSummary, RunData, Stat
 
 BACKEND_TITLES = {"tap": "TAP (QEMU virtio-net, no vhost)", "vhost": "vhost_net (tap + vhost_net)"}
 TEXT_WIDTH = 78  # a netdev mail's line

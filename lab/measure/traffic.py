@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lab.errors import LabError, MissingPiece
-from lab.net import IFNAME_RE, validate_netns
+from lab.measure.net import IFNAME_RE, validate_netns
 
 CONGESTION_RE = re.compile(r"^[a-z0-9_]+$")
 LENGTH_RE = re.compile(r"^[0-9]+[KMG]?$")

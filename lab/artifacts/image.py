@@ -421,7 +421,7 @@ def build_image(
     recipe = load_recipe(recipe_path)
     ssh_public_key = ssh_public_key.strip()
     if "\n" in ssh_public_key or "\r" in ssh_public_key or not _PUBKEY.fullmatch(" ".join(ssh_public_key.split())):
-        raise LabError("the lab's SSH public key is not a single OpenSSH public key line", hint="see lab/sshkeys.py")
+        raise LabError("the lab's SSH public key is not a single OpenSSH public key line", hint="see lab/hosts/sshkeys.py")
     ssh_public_key = " ".join(ssh_public_key.split())
 
     version = mmdebstrap_version()
@@ -854,7 +854,7 @@ def _customise(recipe: ImageRecipe, rootdir: Path, pubkey: str, deadline: float)
     _write_in(rootdir, "/root/.ssh/authorized_keys", (pubkey + "\n").encode(), 0o600, dir_mode=0o700)
 
     # sshd: the recipe's options first (first value wins in sshd_config).
-    body = "# written by vhost-lab (lab/image.py) from the image recipe's [sshd] table\n"
+    body = "# written by vhost-lab (lab/artifacts/image.py) from the image recipe's [sshd] table\n"
     body += "".join(f"{k} {v}\n" for k, v in recipe.sshd)
     _write_in(rootdir, SSHD_DROPIN, body.encode(), 0o644)
 

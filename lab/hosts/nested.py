@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lab.domains import LabHostDomain, SharedDir, labhost_xml
+from lab.hosts.domains import LabHostDomain, SharedDir, labhost_xml
 from lab.errors import LabError
-from lab.hosts import LABHOST_INIT, LABHOST_INITRAMFS, HostRuntime, NestedHost, outer_accel, outer_libvirt
-from lab.initramfs import InitramfsSpec, cached_initramfs
+from lab.hosts.host import LABHOST_INIT, LABHOST_INITRAMFS, HostRuntime, NestedHost, outer_accel, outer_libvirt
+from lab.artifacts.initramfs import InitramfsSpec, cached_initramfs
 from lab.paths import LabPaths
-from lab.remote import free_loopback_port
+from lab.hosts.remote import free_loopback_port
 
 Progress = Callable[[str, float | None], None]
 
@@ -40,14 +40,14 @@ class KernelBoot:
 
     @classmethod
     def from_artifact(cls, art) -> "KernelBoot":
-        """From lab.kernel.KernelArtifact (duck-typed to keep this module light)."""
+        """From lab.artifacts.kernel.KernelArtifact (duck-typed to keep this module light)."""
         root = Path(art.modules_root)
         return cls(art.recipe, art.key, Path(art.vmlinuz), root, art.release, artifact_build_ids(root / "lib" / "modules" / art.release))
 
 
 def artifact_build_ids(modules_dir: Path) -> dict[str, str]:
     """GNU build-ids of the lab's modules in an artifact, to compare with what a host loaded."""
-    from lab.probe import LAB_MODULES, module_file_build_id
+    from lab.hosts.probe import LAB_MODULES, module_file_build_id
 
     out: dict[str, str] = {}
     try:

@@ -1,0 +1,1 @@
+"""Artifacts: kernel (recipe -> cached lab host kernel), image (recipe -> cached guest disk), initramfs."""

@@ -1,0 +1,1 @@
+"""Measuring: matrix cells, the runner, taps/qdiscs/counters, traffic, the on-host agent, the drop test."""

@@ -1,0 +1,1 @@
+"""From results to verdicts: the results file, the properties, the reports."""
