@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lab.errors import LabError
+from lab.events import Step
 
 err_console = Console(stderr=True)
 
@@ -28,14 +29,14 @@ def _console() -> Console:
 
 
 class _Progress:
-    """A one-line live status for long steps (plain lines when not a terminal)."""
+    """Steps (lab.events.Step) as a one-line live status; plain lines, one per new step, when not a terminal."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.status = None
-        self.last = ""
+        self.last: tuple[str, str] | None = None
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         if self.console.is_terminal:
             self.status = self.console.status("starting")
             self.status.__enter__()
@@ -45,14 +46,15 @@ class _Progress:
         if self.status is not None:
             self.status.__exit__(*exc)
 
-    def __call__(self, step: str, fraction: float | None) -> None:
-        text = step if fraction is None else f"{step} ({fraction:.0%})"
-        if self.status is not None:
-            self.status.update(text)
-        elif step.split("(")[0] != self.last.split("(")[0]:
+    def __call__(self, step: Step) -> None:
+        if step.warning:
+            self.console.print(f"[yellow]{step.text()}[/]", highlight=False)
+        elif self.status is not None:
+            self.status.update(step.text())
+        elif step.key != self.last:
             # Non-terminal (CI): one line per step, not per tick.
-            self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {text}", highlight=False)
-        self.last = step
+            self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {step.text()}", highlight=False)
+        self.last = step.key
 
 
 def _context(args):
@@ -67,7 +69,8 @@ def _context(args):
 
 def cmd_config(args) -> int:
     """Print the resolved lab."""
-    from lab.config import config_to_dict, load_config, render_config
+    from lab.config import load_config
+    from lab.configview import config_to_dict, render_config
 
     cfg = load_config(args.config)
     if args.json:

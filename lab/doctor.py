@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab import proc
 from lab.errors import LabError
 
 # tool -> Debian package that provides it
@@ -77,7 +77,7 @@ def run_checks(config: str | None = None) -> list[Check]:
     out.append(Check("kernel sources", "fail" if absent else "ok", "missing: " + ", ".join(absent) if absent else "linux-source-6.12 + headers",
                      "apt-get install linux-source-6.12 linux-headers-6.12.117+deb12-amd64" if absent else None))
     for daemon in ("virtlogd", "libvirtd"):
-        running = subprocess.run(["pgrep", "-x", daemon], capture_output=True).returncode == 0
+        running = bool(proc.pids_named(daemon))
         out.append(Check(f"daemon: {daemon}", "ok" if running else "warn", "running" if running else "not running (the lab starts it when root)",
                          None if running else f"{daemon} -d"))
     out.append(Check("/dev/net/tun", "ok" if Path("/dev/net/tun").exists() else "fail", "taps",
@@ -87,7 +87,8 @@ def run_checks(config: str | None = None) -> list[Check]:
 
     facts = probe_kernel()
     accel = outer_accel()
-    out.append(Check("lab host accel", "ok", f"{accel}: lab hosts run under {'KVM' if accel == 'kvm' else 'QEMU TCG with -cpu max (emulated SVM for nested KVM)'}"))
+    how = "KVM" if accel == "kvm" else "QEMU TCG with -cpu max (emulated SVM for nested KVM)"
+    out.append(Check("lab host accel", "ok", f"{accel}: lab hosts run under {how}"))
     out.append(Check("provider local", "ok" if facts.kvm and facts.vhost_net else "warn",
                      f"{facts.release}: " + ("usable" if facts.kvm and facts.vhost_net else
                                              "no usable /dev/kvm (PVM-only or absent)" if not facts.kvm else "no /dev/vhost-net"),

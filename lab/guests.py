@@ -12,14 +12,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from lab.hosts.domains import GuestDomain, guest_mac, guest_xml
-from lab.errors import LabError
-from lab.hosts.host import Host
+from lab import proc
 from lab.artifacts.initramfs import InitramfsSpec, cached_initramfs
-from lab.paths import LabPaths
+from lab.errors import LabError
+from lab.events import Progress, Step, quiet
+from lab.hosts.domains import GuestDomain, guest_mac, guest_xml
+from lab.hosts.host import Host
 from lab.hosts.remote import SshEndpoint, SshRunner
+from lab.paths import LabPaths
 
 GUEST_INITRAMFS = Path(__file__).with_name("data") / "guest-initramfs.sh"
 # ext4 asks the crypto API for crc32c at mount time: not a modules.dep dependency.
@@ -27,7 +28,16 @@ GUEST_INITRAMFS = Path(__file__).with_name("data") / "guest-initramfs.sh"
 # netem_split (half the delay on the guest's egress).
 GUEST_MODULES = ("virtio_blk", "virtio_net", "crc32c_generic", "ext4", "sch_netem")
 READY_MARK = "LAB-GUEST-READY"
-Progress = Callable[[str, float | None], None]
+
+
+def host_ip(index: int) -> str:
+    """The lab host's side of guest `index`'s private /24 (lives only inside the lab host)."""
+    return f"10.99.{index}.1"
+
+
+def guest_ip(index: int) -> str:
+    """Guest `index`'s address on its tap's /24."""
+    return f"10.99.{index}.2"
 
 
 @dataclass(frozen=True)
@@ -48,12 +58,12 @@ class GuestPlan:
     @property
     def host_ip(self) -> str:
         """The lab host's address on the guest's tap."""
-        return f"10.99.{self.index}.1"
+        return host_ip(self.index)
 
     @property
     def guest_ip(self) -> str:
         """The guest's address."""
-        return f"10.99.{self.index}.2"
+        return guest_ip(self.index)
 
 
 @dataclass
@@ -81,9 +91,6 @@ def guest_endpoint(host: Host, ip: str, key: Path) -> SshEndpoint:
     return SshEndpoint(ip, 22, "root", key, jump=host.endpoint())
 
 
-def _noop(step: str, fraction: float | None) -> None:
-    pass
-
 
 def guest_initrd(paths: LabPaths, modules_dir: Path) -> Path:
     """The guests' initramfs for a kernel (cached by content)."""
@@ -97,7 +104,7 @@ def boot_guest(
     plan: GuestPlan,
     key: Path,
     boot_timeout: float = 240.0,
-    progress: Progress = _noop,
+    progress: Progress = quiet,
 ) -> RunningGuest:
     """Create the tap, the disk overlay and the domain; wait until SSH answers.
 
@@ -110,7 +117,7 @@ def boot_guest(
     gdir = host.guest_dir()
     overlay = f"{gdir}/{plan.name}.qcow2"
     console = host.guest_log(plan.name)
-    progress(f"{plan.name}: tap {plan.tap} (txqueuelen {plan.txqueuelen})", None)
+    progress(Step(plan.name, f"tap {plan.tap} (txqueuelen {plan.txqueuelen})"))
     host.agent(["tap-create", "--name", plan.tap, "--txqueuelen", str(plan.txqueuelen), "--vnet-hdr", "--address", f"{plan.host_ip}/24"])
     # The base image is staged once per lab host boot into the host's own
     # memory: guest disk reads through 9p under TCG made boots 10x slower.
@@ -147,7 +154,7 @@ def boot_guest(
         )
     )
     t0 = time.monotonic()
-    progress(f"{plan.name}: starting ({plan.backend})", None)
+    progress(Step(plan.name, f"starting ({plan.backend})"))
     try:
         host.libvirt().createXML(xml, 0)
     except Exception as e:
@@ -189,24 +196,33 @@ def _console_text(guest: RunningGuest) -> str:
 
 def _wait_guest(guest: RunningGuest, timeout: float, progress: Progress, t0: float) -> None:
     name = guest.plan.name
-    while READY_MARK not in (text := _console_text(guest)):
-        elapsed = time.monotonic() - t0
+
+    def booted() -> bool:
+        text = _console_text(guest)
+        if READY_MARK in text:
+            return True
         if "LAB-GUEST-FAILED" in text or "Kernel panic" in text:
             raise LabError(f"guest {name} failed to boot; console:\n{console_tail(guest.host, name)}")
-        if elapsed > timeout:
-            raise LabError(f"guest {name} did not come up in {timeout:.0f}s; console:\n{console_tail(guest.host, name)}")
-        progress(f"{name}: booting ({elapsed:.0f}s)", None)
-        time.sleep(1.0)
-    progress(f"{name}: waiting for SSH", None)
-    runner = guest.runner(timeout=60)
+        return False
+
     try:
-        while True:
-            res = runner.run(["true"], timeout=60, check=False)
-            if res.rc == 0:
-                return
-            if time.monotonic() - t0 > timeout:
-                raise LabError(f"guest {name}: SSH at {guest.plan.guest_ip} does not answer: {res.stderr.strip()}")
-            time.sleep(1.0)
+        proc.wait_for(booted, timeout=timeout, interval=1.0, max_interval=2.0, what=f"guest {name} to boot",
+                      on_wait=lambda _s: progress(Step(name, "booting", elapsed_s=time.monotonic() - t0)))
+    except proc.WaitTimeout:
+        raise LabError(f"guest {name} did not come up in {timeout:.0f}s; console:\n{console_tail(guest.host, name)}") from None
+    progress(Step(name, "waiting for SSH"))
+    runner = guest.runner(timeout=60)
+    last = {"err": ""}
+
+    def answers() -> bool:
+        res = runner.run(["true"], timeout=60, check=False)
+        last["err"] = res.stderr.strip()
+        return res.rc == 0
+
+    try:
+        proc.wait_for(answers, timeout=max(10.0, timeout - (time.monotonic() - t0)), interval=1.0, what="SSH")
+    except proc.WaitTimeout:
+        raise LabError(f"guest {name}: SSH at {guest.plan.guest_ip} does not answer: {last['err']}") from None
     finally:
         runner.close()
 

@@ -8,24 +8,17 @@ object carrying the lab's name prefix, whether or not this process made it
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from lab.config import GuestSpec, HostSpec, LabConfig
 from lab.errors import ConfigError, HostGone, LabError
-from lab.guests import GuestPlan, RunningGuest, boot_guest, destroy_guest, guest_endpoint, list_lab_guests
+from lab.events import Progress, Step, quiet
+from lab.guests import GuestPlan, RunningGuest, boot_guest, destroy_guest, guest_endpoint, guest_ip, list_lab_guests
 from lab.hosts.host import Host, LocalHost, SshHost
 from lab.hosts.nested import KernelBoot, boot_host, destroy_host, find_host, lab_domains
-from lab.paths import LabPaths
 from lab.hosts.sshkeys import SshKeyPair, ensure_keypair
-
-Progress = Callable[[str, float | None], None]
-
-
-def _noop(step: str, fraction: float | None) -> None:
-    pass
+from lab.paths import LabPaths
 
 
 @dataclass
@@ -38,7 +31,7 @@ class LabContext:
     hosts: dict[str, Host] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, cfg: LabConfig) -> "LabContext":
+    def open(cls, cfg: LabConfig) -> LabContext:
         """Prepare the workdir and the lab's key pair."""
         paths = LabPaths(cfg.workdir, cfg.name)
         paths.lab_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +47,7 @@ class LabContext:
 # --------------------------------------------------------------------------- artifacts
 
 
-def kernel_boot(ctx: LabContext, recipe_name: str, progress: Progress = _noop) -> KernelBoot:
+def kernel_boot(ctx: LabContext, recipe_name: str, progress: Progress = quiet) -> KernelBoot:
     """The kernel artifact for a recipe, built if missing."""
     from lab.artifacts.kernel import build_kernel
 
@@ -63,12 +56,12 @@ def kernel_boot(ctx: LabContext, recipe_name: str, progress: Progress = _noop) -
     return KernelBoot.from_artifact(art)
 
 
-def guest_kernel(ctx: LabContext, progress: Progress = _noop) -> KernelBoot:
+def guest_kernel(ctx: LabContext, progress: Progress = quiet) -> KernelBoot:
     """The kernel guests boot: the stock recipe's (guests are not under test)."""
     return kernel_boot(ctx, ctx.cfg.expectations.stock_kernel, progress)
 
 
-def guest_image(ctx: LabContext, image_name: str, progress: Progress = _noop) -> Path:
+def guest_image(ctx: LabContext, image_name: str, progress: Progress = quiet) -> Path:
     """The base disk of an image recipe, built if missing."""
     from lab.artifacts.image import build_image
 
@@ -96,7 +89,7 @@ def connect_host(ctx: LabContext, spec: HostSpec) -> Host | None:
     return host
 
 
-def up_host(ctx: LabContext, spec: HostSpec, kernel: str | None = None, progress: Progress = _noop) -> Host:
+def up_host(ctx: LabContext, spec: HostSpec, kernel: str | None = None, progress: Progress = quiet) -> Host:
     """Make host `spec` run (on `kernel`, default its own); reuse it when it already does."""
     if spec.provider == "local":
         host = LocalHost(name=spec.name)
@@ -137,7 +130,7 @@ def up_host(ctx: LabContext, spec: HostSpec, kernel: str | None = None, progress
 # --------------------------------------------------------------------------- guests
 
 
-def guest_plan(ctx: LabContext, spec: GuestSpec, backend: str | None = None, txqueuelen: int | None = None, progress: Progress = _noop) -> GuestPlan:
+def guest_plan(ctx: LabContext, spec: GuestSpec, backend: str | None = None, txqueuelen: int | None = None, progress: Progress = quiet) -> GuestPlan:
     """Resolve a guest's config into a bootable plan (building artifacts)."""
     kb = guest_kernel(ctx, progress)
     return GuestPlan(
@@ -187,7 +180,7 @@ def preflight(ctx: LabContext, names: list[str]) -> None:
         outer_libvirt().close()
 
 
-def up(ctx: LabContext, names: list[str], progress: Progress = _noop) -> list[RunningGuest]:
+def up(ctx: LabContext, names: list[str], progress: Progress = quiet) -> list[RunningGuest]:
     """Bring up guests `names` (hosts or guests; empty: all guests) and their hosts."""
     cfg = ctx.cfg
     guests, host_names = select(cfg, names)
@@ -203,7 +196,7 @@ def up(ctx: LabContext, names: list[str], progress: Progress = _noop) -> list[Ru
     return running
 
 
-def down(ctx: LabContext, progress: Progress = _noop) -> list[str]:
+def down(ctx: LabContext, progress: Progress = quiet) -> list[str]:
     """Destroy every lab object: guests, taps, lab hosts. Idempotent. Returns what went."""
     cfg = ctx.cfg
     gone: list[str] = []
@@ -223,7 +216,7 @@ def down(ctx: LabContext, progress: Progress = _noop) -> list[str]:
                 host.agent(["tap-delete", "--name", tap["name"]])
                 gone.append(f"tap {tap['name']} on {spec.name}")
         except (HostGone, LabError) as e:
-            progress(f"{spec.name}: {e}", None)
+            progress(Step(spec.name, str(e), warning=True))
     ctx.close()
     # Every nested host of this lab, whether lab.toml still names it or not.
     hosts_dir = ctx.paths.lab_dir / "hosts"
@@ -232,7 +225,7 @@ def down(ctx: LabContext, progress: Progress = _noop) -> list[str]:
     for dom in lab_domains(cfg.name):
         names.add(dom[len(cfg.name) + 1 :])
     for n in sorted(names):
-        progress(f"destroying {n}", None)
+        progress(Step(n, "destroying"))
         if destroy_host(ctx.paths, n):
             gone.append(f"lab host {cfg.name}-{n}")
     return gone
@@ -306,7 +299,7 @@ def status(ctx: LabContext) -> tuple[list[HostStatus], list[GuestStatus]]:
             tap = _tap_facts(host, g.net.tap)
             guests.append(
                 GuestStatus(g.name, spec.name, "running", g.net.backend, g.net.tap, tap.get("txqueuelen"), tap.get("qdisc"),
-                            _uses_vhost(host, dom), f"10.99.{g.index}.2")
+                            _uses_vhost(host, dom), guest_ip(g.index))
             )
     return hosts, guests
 
@@ -344,9 +337,5 @@ def guest_ssh_endpoint(ctx: LabContext, name: str):
     host = connect_host(ctx, cfg.hosts[g.host])
     if host is None:
         raise LabError(f"guest {name}'s lab host {g.host} is not up", hint=f"lab up {name}")
-    return guest_endpoint(host, f"10.99.{g.index}.2", ctx.key.private)
+    return guest_endpoint(host, guest_ip(g.index), ctx.key.private)
 
-
-def wait_seconds(t0: float) -> float:
-    """Seconds since t0 (monotonic)."""
-    return time.monotonic() - t0

@@ -36,23 +36,23 @@ import fcntl
 import hashlib
 import json
 import os
-import queue
 import re
 import shutil
 import signal
 import stat
-import subprocess
 import threading
 import time
 import tomllib
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lab import proc
+from lab import tomlcheck as check
 from lab.errors import ConfigError, LabError, MissingPiece
+from lab.events import Progress, Step, quiet
 
 # Bump when the build steps change in a way that changes the image.
 BUILDER_VERSION = 1
@@ -63,7 +63,8 @@ HOST_KEY = "/etc/ssh/ssh_host_ed25519_key"
 MMDEBSTRAP_HOOKS = Path("/usr/share/mmdebstrap/hooks")
 TAIL_LINES = 30
 
-Progress = Callable[[str, "float | None"], None]
+# The builder's own step reporter: (action, fraction); build_image turns it into Steps.
+_Report = Callable[[str, "float | None"], None]
 
 VARIANTS = ("essential", "apt", "required", "minbase", "important", "standard")
 FORMATS = ("qcow2", "raw")
@@ -139,159 +140,109 @@ def _display(path: Path) -> str:
 
 
 def load_recipe(path: Path) -> ImageRecipe:
-    """Load and validate a recipe; every error names the file and the key path."""
+    """Load and validate a recipe; every error names the file and the key path (lab.tomlcheck's style)."""
     path = Path(path)
     disp = _display(path)
-
-    def err(key: str, problem: str, hint: str | None = None) -> ConfigError:
-        return ConfigError(f"{disp}: {key}" if key else disp, problem, hint)
-
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise err("", f"cannot read the image recipe: {e.strerror}") from None
+        raise ConfigError(disp, f"cannot read the image recipe: {e.strerror}") from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise err("", f"not valid TOML: {e}") from None
+        raise ConfigError(disp, f"not valid TOML: {e}") from None
+    try:
+        return _recipe(path, data)
+    except ConfigError as e:
+        # the same message, with the recipe file in front of its key path
+        raise ConfigError(f"{disp}: {e.key_path}" if e.key_path else disp, e.problem, e.hint) from None
 
-    for key in data:
-        if key not in _KNOWN_KEYS:
-            raise err(key, "unknown key", f"known keys: {', '.join(_KNOWN_KEYS)}")
 
-    def string(key: str, pattern: re.Pattern[str] | None, default: str | None = None, what: str = "") -> str:
-        if key not in data:
-            if default is None:
-                raise err(key, "missing (required)")
-            return default
-        v = data[key]
-        if not isinstance(v, str):
-            raise err(key, f"must be a string, not {type(v).__name__}")
-        if pattern is not None and not pattern.fullmatch(v):
-            raise err(key, f"{v!r} is not {what or 'valid'}")
-        return v
+def _line(path: str, value: object) -> str:
+    """A non-empty single-line string."""
+    text = check.string(path, value, "a non-empty single-line string")
+    if not text or any(c in text for c in "\n\r\0"):
+        raise ConfigError(path, f"expected a non-empty single-line string, got {check.found(text)}")
+    return text
 
-    def str_list(key: str, default: list[str] | None = None) -> list[tuple[str, str]]:
-        """[(key path of the item, item)]"""
-        if key not in data:
-            if default is None:
-                raise err(key, "missing (required)")
-            return []
-        v = data[key]
-        if not isinstance(v, list):
-            raise err(key, f"must be a list of strings, not {type(v).__name__}")
-        out = []
-        for i, item in enumerate(v):
-            if not isinstance(item, str):
-                raise err(f"{key}[{i}]", f"must be a string, not {type(item).__name__}")
-            if not item or any(c in item for c in "\n\r\0"):
-                raise err(f"{key}[{i}]", "must be a non-empty single line")
-            out.append((f"{key}[{i}]", item))
-        return out
 
-    name = string("name", _NAME, what="a name ([a-z][a-z0-9-]{0,31})")
-    suite = string("suite", _SUITE, what="a suite name")
-    architecture = string("architecture", _ARCH, "amd64", "an architecture name")
-    variant = string("variant", None, "essential")
-    if variant not in VARIANTS:
-        raise err("variant", f"{variant!r} is not one of {', '.join(VARIANTS)}")
+def _recipe(path: Path, data: dict) -> ImageRecipe:
+    t = check.Table("", data, _KNOWN_KEYS)
+    name = check.pattern(t.at("name"), t.get("name", expected="a name"), _NAME, f"a name matching {_NAME.pattern}")
+    suite = check.pattern(t.at("suite"), t.get("suite", expected="a suite name"), _SUITE, "a Debian suite name")
+    architecture = check.pattern(t.at("architecture"), t.get("architecture", "amd64"), _ARCH, "an architecture name")
+    variant = check.choice(t.at("variant"), t.get("variant", "essential"), VARIANTS)
 
-    mirrors = []
-    for kp, m in str_list("mirrors", []):
-        if not (m.startswith("deb ") or re.fullmatch(r"^[a-z][a-z0-9+]*://\S+$", m)):
-            raise err(kp, f"{m!r} is neither a mirror URI (http://...) nor a 'deb ...' line")
-        mirrors.append(m)
+    def mirror(p: str, v: object) -> str:
+        m = _line(p, v)
+        if not (m.startswith("deb ") or re.fullmatch(r"[a-z][a-z0-9+]*://\S+", m)):
+            raise ConfigError(p, f"expected a mirror URI (http://...) or a 'deb ...' line, got {check.q(m)}")
+        return m
 
-    hook_dirs = []
-    for kp, h in str_list("hook_dirs", []):
-        if not _HOOK.fullmatch(h):
-            raise err(kp, f"{h!r} is not a hook directory name under {MMDEBSTRAP_HOOKS}")
-        hook_dirs.append(h)
+    def hook(p: str, v: object) -> str:
+        return check.pattern(p, v, _HOOK, f"a hook directory name under {MMDEBSTRAP_HOOKS}")
 
-    apt_options = [o for _, o in str_list("apt_options", [])]
+    def package(p: str, v: object) -> str:
+        return check.pattern(p, v, _PACKAGE, "a Debian package name")
 
-    packages: list[str] = []
-    for kp, p in str_list("packages"):
-        if not _PACKAGE.fullmatch(p):
-            raise err(kp, f"{p!r} is not a Debian package name")
-        if p in packages:
-            raise err(kp, f"{p!r} is listed twice")
-        packages.append(p)
+    def removal(p: str, v: object) -> str:
+        r = _line(p, v)
+        if not r.startswith("/") or ".." in r.split("/") or r.strip("/*") == "":
+            raise ConfigError(p, f"expected an absolute path (globs allowed) below /, without '..', got {check.q(r)}")
+        return r
+
+    mirrors = check.list_of(t.at("mirrors"), t.get("mirrors", []), mirror, what="mirror URIs or 'deb ...' lines")
+    hook_dirs = check.list_of(t.at("hook_dirs"), t.get("hook_dirs", []), hook, what="hook directory names")
+    apt_options = check.list_of(t.at("apt_options"), t.get("apt_options", []), _line, what="apt options")
+    packages = check.list_of(t.at("packages"), t.get("packages", expected="an array of package names"), package,
+                             what="Debian package names", non_empty=True)
     for p in REQUIRED_PACKAGES:
         if p not in packages:
-            raise err("packages", f"must include {p!r} (lab-init needs it)")
+            raise ConfigError(t.at("packages"), f"expected the list to include {check.q(p)} (lab-init needs it)")
+    remove = check.list_of(t.at("remove"), t.get("remove", []), removal, what="absolute paths")
+    size = check.integer(t.at("size_mib"), t.get("size_mib", 1024), 128, 65536, " (MiB)")
+    fmt = check.choice(t.at("format"), t.get("format", "qcow2"), FORMATS)
+    label = check.pattern(t.at("label"), t.get("label", "labroot"), _LABEL, "an ext4 label ([A-Za-z0-9_-], at most 16)")
+    init = _recipe_file(path, t.at("init"), t.get("init", expected="the path of the guest's init script"))
 
-    remove = []
-    for kp, r in str_list("remove", []):
-        parts = r.split("/")
-        if not r.startswith("/") or ".." in parts or r.strip("/*") == "":
-            raise err(kp, f"{r!r} must be an absolute path (globs allowed) below /, without '..'")
-        remove.append(r)
-
-    size = data.get("size_mib", 1024)
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise err("size_mib", f"must be an integer (MiB), not {type(size).__name__}")
-    if not 128 <= size <= 65536:
-        raise err("size_mib", f"{size} is out of range (128..65536)")
-
-    fmt = string("format", None, "qcow2")
-    if fmt not in FORMATS:
-        raise err("format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
-    label = string("label", _LABEL, "labroot", "an ext4 label ([A-Za-z0-9_-], at most 16)")
-
-    init_rel = string("init", None)
-    init = _recipe_file(path, init_rel, err, "init")
-
+    s = check.section(t, "sshd", None, required=False)
     sshd: list[tuple[str, str]] = []
-    sshd_raw = data.get("sshd", {})
-    if not isinstance(sshd_raw, dict):
-        raise err("sshd", "must be a table of sshd_config options")
-    for k, v in sshd_raw.items():
+    for k, v in s.data.items():
+        kp = s.at(k)
         if not _SSHD_KEY.fullmatch(k):
-            raise err(f"sshd.{k}", "is not an sshd_config keyword")
-        if isinstance(v, bool) or not isinstance(v, (str, int)):
-            raise err(f"sshd.{k}", f'must be a string (e.g. "yes"), not {type(v).__name__}')
-        v = str(v)
-        if not v.strip() or any(c in v for c in "\n\r\0#"):
-            raise err(f"sshd.{k}", "must be a non-empty single line without '#'")
-        sshd.append((k, v))
+            raise ConfigError(kp, f"expected an sshd_config keyword, got {check.q(k)}")
+        if isinstance(v, bool) or not isinstance(v, str | int):
+            raise check.type_error(kp, 'a string (e.g. "yes")', v)
+        text = str(v)
+        if not text.strip() or any(c in text for c in "\n\r\0#"):
+            raise ConfigError(kp, f"expected a non-empty single line without '#', got {check.q(text)}")
+        sshd.append((k, text))
 
     files: list[FileSpec] = []
-    files_raw = data.get("files", [])
-    if not isinstance(files_raw, list):
-        raise err("files", "must be an array of tables ([[files]])")
-    for i, f in enumerate(files_raw):
-        kp = f"files[{i}]"
-        if not isinstance(f, dict):
-            raise err(kp, "must be a table with src, dest, mode")
-        for k in f:
-            if k not in ("src", "dest", "mode"):
-                raise err(f"{kp}.{k}", "unknown key (known: src, dest, mode)")
-        src = f.get("src")
-        if not isinstance(src, str) or not src:
-            raise err(f"{kp}.src", "missing or not a string")
-        dest = f.get("dest")
-        if not isinstance(dest, str) or not dest.startswith("/") or ".." in dest.split("/") or dest.endswith("/"):
-            raise err(f"{kp}.dest", f"{dest!r} must be an absolute file path in the image, without '..'")
-        if any(c in dest for c in "\n\r\0"):
-            raise err(f"{kp}.dest", "must be a single line")
-        mode = f.get("mode", "0644")
-        if not isinstance(mode, str) or not _MODE.fullmatch(mode):
-            raise err(f"{kp}.mode", f'{mode!r} must be an octal string like "0644"')
-        files.append(FileSpec(_recipe_file(path, src, err, f"{kp}.src"), dest, int(mode, 8)))
+    raw_files = t.get("files", [])
+    if not isinstance(raw_files, list):
+        raise check.type_error(t.at("files"), "an array of tables ([[files]])", raw_files)
+    for i, raw in enumerate(raw_files):
+        ft = check.table(f"files[{i}]", raw, ("src", "dest", "mode"))
+        src = _recipe_file(path, ft.at("src"), ft.get("src", expected="a path relative to the recipe"))
+        dest = _line(ft.at("dest"), ft.get("dest", expected="an absolute path in the image"))
+        if not dest.startswith("/") or ".." in dest.split("/") or dest.endswith("/"):
+            raise ConfigError(ft.at("dest"), f"expected an absolute file path in the image, without '..', got {check.q(dest)}")
+        mode = check.pattern(ft.at("mode"), ft.get("mode", "0644"), _MODE, 'an octal mode string like "0644"')
+        files.append(FileSpec(src, dest, int(mode, 8)))
 
     return ImageRecipe(
         path=path,
         name=name,
         suite=suite,
-        packages=tuple(packages),
+        packages=packages,
         init=init,
         architecture=architecture,
         variant=variant,
-        mirrors=tuple(mirrors),
-        hook_dirs=tuple(hook_dirs),
-        apt_options=tuple(apt_options),
-        remove=tuple(remove),
+        mirrors=mirrors,
+        hook_dirs=hook_dirs,
+        apt_options=apt_options,
+        remove=remove,
         size_mib=size,
         format=fmt,
         label=label,
@@ -300,12 +251,13 @@ def load_recipe(path: Path) -> ImageRecipe:
     )
 
 
-def _recipe_file(recipe: Path, rel: str, err: Callable[..., ConfigError], key: str) -> Path:
-    if Path(rel).is_absolute():
-        raise err(key, f"{rel!r} must be relative to the recipe's directory")
-    p = recipe.parent / rel
+def _recipe_file(recipe: Path, key: str, rel: object) -> Path:
+    text = check.string(key, rel, "a path relative to the recipe's directory")
+    if not text or Path(text).is_absolute():
+        raise ConfigError(key, f"expected a path relative to the recipe's directory, got {check.q(text)}")
+    p = recipe.parent / text
     if not p.is_file():
-        raise err(key, f"{rel!r}: no such file (looked for {p})")
+        raise ConfigError(key, f"expected an existing file, got {check.q(text)} (no such file: {p})", check.path_hint(text, p))
     return p
 
 
@@ -316,7 +268,7 @@ def mmdebstrap_version() -> str:
     exe = shutil.which("mmdebstrap")
     if not exe:
         raise MissingPiece("mmdebstrap is not installed (it builds guest images)", hint="apt-get install mmdebstrap")
-    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
+    out = proc.run([exe, "--version"], timeout=60)
     text = (out.stdout + out.stderr).strip()
     return text.splitlines()[0] if text else "unknown"
 
@@ -382,25 +334,12 @@ class GuestImage:
             return None
 
 
-def guest_disk_overlay_argv(base: Path, overlay: Path, backing_format: str = "qcow2") -> list[str]:
-    """argv that makes a guest's writable qcow2 overlay on the shared read-only base."""
-    return [
-        "qemu-img", "create", "-f", "qcow2", "-F", backing_format,
-        "-b", str(Path(base).absolute()), str(overlay),
-    ]  # fmt: skip
-
-
 def images_dir(workdir: Path) -> Path:
     return Path(workdir).expanduser() / "images"
 
 
 def cache_dir_for(recipe: ImageRecipe, workdir: Path, key: str) -> Path:
     return images_dir(workdir) / f"{recipe.name}-{key[:12]}"
-
-
-def find_cached(recipe_path: Path, workdir: Path, ssh_public_key: str) -> GuestImage | None:
-    recipe = load_recipe(recipe_path)
-    return GuestImage.from_dir(cache_dir_for(recipe, workdir, image_key(recipe, ssh_public_key)))
 
 
 # --------------------------------------------------------------------------- build
@@ -417,8 +356,12 @@ def build_image(
     mode: str | None = None,
 ) -> GuestImage:
     """Build (or find in the cache) the guest image for a recipe and a lab key."""
-    report: Progress = progress or (lambda step, fraction: None)
     recipe = load_recipe(recipe_path)
+    emit = progress or quiet
+
+    def report(action: str, fraction: float | None) -> None:
+        emit(Step(f"image {recipe.name}", action, fraction=fraction))
+
     ssh_public_key = ssh_public_key.strip()
     if "\n" in ssh_public_key or "\r" in ssh_public_key or not _PUBKEY.fullmatch(" ".join(ssh_public_key.split())):
         raise LabError("the lab's SSH public key is not a single OpenSSH public key line", hint="see lab/hosts/sshkeys.py")
@@ -469,7 +412,7 @@ def _check_tools(recipe: ImageRecipe) -> None:
     for tool, pkg in (("mke2fs", "e2fsprogs"), ("qemu-img", "qemu-utils"), ("ssh-keygen", "openssh-client")):
         if not shutil.which(tool):
             raise MissingPiece(f"{tool} is not installed (it builds guest images)", hint=f"apt-get install {pkg}")
-    out = subprocess.run(["mke2fs", "-V"], capture_output=True, text=True, check=False)
+    out = proc.run(["mke2fs", "-V"], timeout=60)
     m = re.search(r"mke2fs (\d+)\.(\d+)", out.stdout + out.stderr)
     if m and (int(m.group(1)), int(m.group(2))) < (1, 43):
         raise MissingPiece("mke2fs is older than 1.43 and cannot populate a file system (-d)", hint="upgrade e2fsprogs")
@@ -482,11 +425,8 @@ def _choose_mode() -> str:
     """unshare (private mount namespace: nothing can leak) when possible, else root."""
     unshare = shutil.which("unshare")
     if unshare:
-        r = subprocess.run(
-            [unshare, "--mount", "--pid", "--fork", "--uts", "--ipc", "true"],
-            capture_output=True, check=False, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        if r.returncode == 0:
+        r = proc.run([unshare, "--mount", "--pid", "--fork", "--uts", "--ipc", "true"], timeout=60)
+        if r.rc == 0:
             return "unshare"
     return "root"
 
@@ -510,7 +450,7 @@ def _build_in(
     staging: Path,
     final: Path,
     failed_log: Path,
-    report: Progress,
+    report: _Report,
     timeout: float,
     mode: str | None,
 ) -> GuestImage:
@@ -521,8 +461,8 @@ def _build_in(
     mode = mode or _choose_mode()
 
     # 0. the init must at least parse
-    r = subprocess.run(["sh", "-n", str(recipe.init)], capture_output=True, text=True, check=False)
-    if r.returncode != 0:
+    r = proc.run(["sh", "-n", str(recipe.init)], timeout=60)
+    if r.rc != 0:
         raise ConfigError(f"{recipe.display}: init", f"{recipe.init.name} has a syntax error: {r.stderr.strip()}")
 
     # 1. bootstrap
@@ -623,105 +563,37 @@ def _build_in(
     return img
 
 
-def _run_logged(argv: list[str], log: Path, deadline: float, timeout: float, report: Progress) -> tuple[int, list[str]]:
-    """Run argv, its output streamed to `log`; returns (rc, last lines)."""
-    tail: deque[str] = deque(maxlen=TAIL_LINES)
-    lines: queue.Queue[str | None] = queue.Queue()
-    with open(log, "ab", buffering=0) as logf:
-        logf.write(("# " + " ".join(argv) + "\n").encode())
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # our own process group: we end it, Ctrl-C does not race us
-        )
+def _run_logged(argv: list[str], log: Path, deadline: float, timeout: float, report: _Report) -> tuple[int, list[str]]:
+    """Run argv, its output streamed to `log` and parsed for progress; returns (rc, last lines).
 
-        def reader() -> None:
-            assert proc.stdout is not None
-            for raw in iter(proc.stdout.readline, b""):
-                logf.write(raw)
-                lines.put(raw.decode("utf-8", "replace").rstrip("\r\n"))
-            lines.put(None)
-
-        t = threading.Thread(target=reader, name="mmdebstrap-log", daemon=True)
-        t.start()
-        try:
-            done = False
-            while not done:
-                if time.monotonic() > deadline:
-                    raise LabError(
-                        f"image build timed out after {timeout:.0f} s (in mmdebstrap)",
-                        hint="raise timeouts.build in lab.toml, or check the mirror's speed",
-                    )
-                try:
-                    line = lines.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if line is None:
-                    done = True
-                    continue
-                tail.append(line)
-                if line.startswith("I: "):
-                    for needle, step, frac in _PHASES:
-                        if needle in line:
-                            report(f"bootstrap: {step}", frac)
-                            break
-            try:
-                rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise LabError(
-                    f"image build timed out after {timeout:.0f} s (mmdebstrap did not exit)",
-                    hint="raise timeouts.build in lab.toml",
-                ) from None
-        finally:
-            if proc.poll() is None:
-                _end_group(proc)
-            t.join(timeout=10)
-    return rc, list(tail)
-
-
-def _end_group(proc: subprocess.Popen[bytes]) -> None:
-    """End mmdebstrap and everything it started (its own process group).
-
-    mmdebstrap defers SIGTERM until its current step is done (tens of seconds),
-    so it gets a short grace and then SIGKILL. That leaks nothing: in unshare
+    mmdebstrap defers SIGTERM until its current step is done, so at the deadline
+    it gets proc's short grace and then SIGKILL. That leaks nothing: in unshare
     mode its mounts die with its mount namespace; in root mode _safe_rmtree
     unmounts what is left below the staging directory.
     """
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=3)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # also any child still in the group
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
+
+    def phase(line: str) -> None:
+        if line.startswith("I: "):
+            for needle, step, frac in _PHASES:
+                if needle in line:
+                    report(f"bootstrap: {step}", frac)
+                    break
+
+    r = proc.run(argv, timeout=max(1.0, deadline - time.monotonic()), log=log, on_line=phase, tail=TAIL_LINES)
+    if r.timed_out:
+        raise LabError(
+            f"image build timed out after {timeout:.0f} s (in mmdebstrap)",
+            hint="raise timeouts.build in lab.toml, or check the mirror's speed",
+        )
+    return r.rc, list(r.tail)
 
 
 def _run_step(argv: list[str], log: Path, deadline: float, what: str) -> None:
-    with open(log, "ab") as logf:
-        logf.write(("# " + " ".join(argv) + "\n").encode())
-        logf.flush()
-        try:
-            r = subprocess.run(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                timeout=max(1.0, deadline - time.monotonic()), check=False,
-            )  # fmt: skip
-        except subprocess.TimeoutExpired:
-            raise LabError(f"image build timed out (in {what})", hint="raise timeouts.build in lab.toml") from None
-        logf.write(r.stdout)
-    if r.returncode != 0:
-        tail = r.stdout.decode("utf-8", "replace").strip().splitlines()[-TAIL_LINES:]
-        raise LabError(f"image build failed: {what} exited {r.returncode}:\n" + "\n".join(tail))
+    r = proc.run(argv, timeout=max(1.0, deadline - time.monotonic()), log=log, tail=TAIL_LINES)
+    if r.timed_out:
+        raise LabError(f"image build timed out (in {what})", hint="raise timeouts.build in lab.toml")
+    if r.rc != 0:
+        raise LabError(f"image build failed: {what} exited {r.rc}:\n" + "\n".join(r.tail))
 
 
 _NET_ERR = re.compile(
@@ -887,15 +759,11 @@ def _customise(recipe: ImageRecipe, rootdir: Path, pubkey: str, deadline: float)
         if made:
             privsep.mkdir(mode=0o755)
         try:
-            r = subprocess.run(
-                ["chroot", str(rootdir), "/usr/sbin/sshd", "-t"],
-                capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL,
-                timeout=max(1.0, min(60.0, deadline - time.monotonic())),
-            )  # fmt: skip
+            r = proc.run(["chroot", str(rootdir), "/usr/sbin/sshd", "-t"], timeout=max(1.0, min(60.0, deadline - time.monotonic())))
         finally:
             if made:
                 privsep.rmdir()
-        if r.returncode != 0:
+        if r.rc != 0:
             msg = (r.stderr or r.stdout).strip()
             m = re.search(r"00-vhost-lab\.conf line (\d+)", msg)
             keypath = "sshd"
@@ -905,16 +773,13 @@ def _customise(recipe: ImageRecipe, rootdir: Path, pubkey: str, deadline: float)
 
 
 def _run_quiet(argv: list[str]) -> None:
-    r = subprocess.run(argv, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
-    if r.returncode != 0:
-        raise LabError(f"`{' '.join(argv)}` exited {r.returncode}: {(r.stderr or r.stdout).strip()}")
+    r = proc.run(argv, timeout=600)
+    if r.rc != 0:
+        raise LabError(f"`{' '.join(argv)}` exited {r.rc}: {(r.stderr or r.stdout).strip()}")
 
 
 def _package_versions(rootdir: Path) -> dict[str, str]:
-    r = subprocess.run(
-        ["dpkg-query", f"--admindir={rootdir / 'var/lib/dpkg'}", "-W", "-f", "${Package}\t${Version}\n"],
-        capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    r = proc.run(["dpkg-query", f"--admindir={rootdir / 'var/lib/dpkg'}", "-W", "-f", "${Package}\t${Version}\n"], timeout=120)
     out = {}
     for line in r.stdout.splitlines():
         if "\t" in line:
@@ -940,7 +805,7 @@ def _du_mib(rootdir: Path) -> float:
 
 
 @contextmanager
-def _locked(d: Path, report: Progress) -> Iterator[None]:
+def _locked(d: Path, report: _Report) -> Iterator[None]:
     """One image build at a time per workdir (flock on the directory: no lock file left)."""
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -992,7 +857,7 @@ def _safe_rmtree(path: Path) -> None:
     if not path.exists() and not path.is_symlink():
         return
     for mp in sorted(_mounts_under(path), key=len, reverse=True):
-        subprocess.run(["umount", "--lazy", mp], capture_output=True, check=False)
+        proc.run(["umount", "--lazy", mp], timeout=60)
     left = _mounts_under(path)
     if left:
         raise LabError(f"cannot remove {path}: still mounted below it: {', '.join(left)}", hint=f"umount {left[0]}")

@@ -23,7 +23,6 @@ interrupted build leaves nothing in the cache (its log is kept under
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import fcntl
 import hashlib
@@ -31,21 +30,20 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import threading
+import tarfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
+from lab import proc
 from lab.errors import LabError, MissingPiece
+from lab.events import Progress, Step, quiet
 
 if TYPE_CHECKING:  # lab.config is only needed for type checking here
-    from lab.config import KernelRecipe as _ConfigKernelRecipe  # noqa: F401
+    from lab.config import KernelRecipe as Recipe
 
-Progress = Callable[[str, float | None], None]
 
 DEBIAN_PREFIX = "debian:"
 USR_SRC = Path("/usr/src")
@@ -55,7 +53,7 @@ BUILD_LOG = "build.log"
 BUILDER_FORMAT = 2
 LOG_TAIL_LINES = 30
 
-# The modules a lab host kernel must carry, whose srcversions tell stock from patched.
+# The modules a "modules" recipe rebuilds and a lab host loads from its artifact (told apart by GNU build-id).
 LAB_MODULES = ("tun", "tap", "vhost", "vhost_net")
 
 # The "modules" strategy: source file in the kernel tree -> place in the flat build dir.
@@ -87,40 +85,13 @@ BASE_CONFIG_RE = re.compile(r"^#\s*lab-base:\s*(defconfig|tinyconfig)\s*$", re.M
 DEFAULT_BASE_CONFIG = "defconfig"
 
 
-class Recipe(Protocol):
-    """What the builder needs of a `lab.config.KernelRecipe` (duck-typed on purpose)."""
-
-    name: str
-    source: str | Path
-    patches: tuple[Path, ...]
-    configs: tuple[Path, ...]
-    strategy: str
-
-
-@dataclass(frozen=True)
-class KernelRecipe:
-    """A standalone recipe, for callers without a lab.toml (tests, scripts).
-
-    Same fields as `lab.config.KernelRecipe`; either works with `build_kernel`.
-    """
-
-    name: str
-    source: str | Path
-    patches: tuple[Path, ...] = ()
-    configs: tuple[Path, ...] = ()
-    strategy: str = "modules"
-
-
 @dataclass(frozen=True)
 class KernelArtifact:
     """A built (or unpacked) lab host kernel in the cache.
 
-    `modules_root` holds `lib/modules/<release>/`; `module_srcversions` maps
-    each of LAB_MODULES to the srcversion of the module this artifact carries,
-    so a booted host can be checked against it through
-    /sys/module/<name>/srcversion: "" when the module has none (Debian's stock
-    tun and tap: no MODULE_VERSION; the lab's own builds always have one),
-    "builtin" when it is built into the kernel, "absent" when not configured.
+    `modules_root` holds `lib/modules/<release>/`. Which of LAB_MODULES a booted
+    host really loaded is told by GNU build-id (lab.hosts.nested.artifact_build_ids
+    against /sys/module/<name>/notes), not by anything stored here.
     """
 
     recipe: str
@@ -130,7 +101,6 @@ class KernelArtifact:
     modules_root: Path
     release: str
     strategy: str
-    module_srcversions: dict[str, str] = field(default_factory=dict)
 
     @property
     def manifest(self) -> Path:
@@ -156,7 +126,7 @@ def build_kernel(
     MissingPiece (source, headers or tools absent). On any failure, including
     KeyboardInterrupt, nothing is left in the cache.
     """
-    say = progress or _quiet
+    say = progress or quiet
     workdir = Path(workdir).expanduser()
     plan = _plan(recipe)
     key = artifact_key(recipe, plan)
@@ -181,7 +151,7 @@ def build_kernel(
             builder.keep_log(kernels / "logs" / f"{final.name}-{time.strftime('%Y%m%dT%H%M%S')}.log")
             _remove(staging)
             raise
-    say(f"{recipe.name}: kernel ready ({final.name})", 1.0)
+    say(Step(recipe.name, f"kernel ready ({final.name})", fraction=1.0))
     return load_artifact(final)
 
 
@@ -225,7 +195,6 @@ def load_artifact(path: Path) -> KernelArtifact:
             modules_root=path / m["modules_root"],
             release=m["release"],
             strategy=m["strategy"],
-            module_srcversions=dict(m["module_srcversions"]),
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LabError(f"kernel artifact {path} is unreadable ({e})", hint=f"rm -rf {path}") from e
@@ -417,11 +386,11 @@ class _Builder:
     def build(self) -> None:
         """Run the recipe's strategy and write manifest.json."""
         name = self.recipe.name
-        self.say(f"{name}: building kernel ({self.recipe.strategy}, key {self.key[:12]})", 0.0)
+        self.say(Step(name, f"building kernel ({self.recipe.strategy}, key {self.key[:12]})", fraction=0.0))
         if self.recipe.strategy == "modules":
-            release, vmlinuz, srcversions = self._build_modules()
+            release, vmlinuz = self._build_modules()
         else:
-            release, vmlinuz, srcversions = self._build_full()
+            release, vmlinuz = self._build_full()
         manifest = {
             "format": BUILDER_FORMAT,
             "recipe": name,
@@ -431,7 +400,6 @@ class _Builder:
             "release": release,
             "vmlinuz": str(vmlinuz.relative_to(self.staging)),
             "modules_root": str(self.root.relative_to(self.staging)),
-            "module_srcversions": srcversions,
             "patches": [{"path": str(p), "sha256": _sha256(p)} for p in self.plan.patches],
             "configs": [{"path": str(c), "sha256": _sha256(Path(c))} for c in self.recipe.configs],
             "toolchain": self.plan.toolchain,
@@ -476,13 +444,13 @@ class _Builder:
         if not (plan.headers_dir / "Module.symvers").is_file():
             raise MissingPiece(f"kernel headers {plan.headers_dir} are missing", hint=install)
 
-    def _build_modules(self) -> tuple[str, Path, dict[str, str]]:
+    def _build_modules(self) -> tuple[str, Path]:
         plan = self.plan
         assert plan.release and plan.debian_version
         release = plan.release
         self._check_modules_prerequisites()
         deb = self._fetch_image(release, plan.debian_version)
-        self.say(f"{self.recipe.name}: unpacking {deb.name}", 0.1)
+        self.say(Step(self.recipe.name, f"unpacking {deb.name}", fraction=0.1))
         self._run(["dpkg-deb", "-x", str(deb), str(self.root)], "dpkg-deb -x")
         moddir = self.root / "lib" / "modules" / release
         vmlinuz = self.root / "boot" / f"vmlinuz-{release}"
@@ -492,7 +460,7 @@ class _Builder:
 
         if plan.patches:
             built = self._rebuild_lab_modules(release, stock)
-            self.say(f"{self.recipe.name}: installing patched modules", 0.9)
+            self.say(Step(self.recipe.name, "installing patched modules", fraction=0.9))
             for name, path in stock.items():
                 # Keep Debian's file name (.ko.xz): modules.order and friends stay valid.
                 with open(path, "wb") as out:
@@ -501,14 +469,14 @@ class _Builder:
             shutil.rmtree(self.staging / "build", ignore_errors=True)
         # The .deb carries no modules.dep (its postinst runs depmod): always run it.
         self._run(["depmod", "-b", str(self.root), release], "depmod")
-        return release, vmlinuz, {name: self._srcversion(path) for name, path in stock.items()}
+        return release, vmlinuz
 
     def _rebuild_lab_modules(self, release: str, stock: dict[str, Path]) -> dict[str, Path]:
         plan = self.plan
         assert plan.source_tarball and plan.headers_dir
         wanted = set(MODULE_BUILD_FILES)
         src = self.staging / "src"
-        self.say(f"{self.recipe.name}: extracting {len(wanted)} files from {plan.source_tarball.name}", 0.2)
+        self.say(Step(self.recipe.name, f"extracting {len(wanted)} files from {plan.source_tarball.name}", fraction=0.2))
         self._extract(plan.source_tarball, src, sorted(wanted))
         self._apply_patches(src)
 
@@ -517,10 +485,9 @@ class _Builder:
         for tree_path, flat in MODULE_BUILD_FILES.items():
             shutil.copyfile(src / tree_path, build / flat)
         (build / "Kbuild").write_text(MODULE_KBUILD)
-        self.say(f"{self.recipe.name}: building {', '.join(LAB_MODULES)} against linux-headers-{release}", 0.4)
-        # Debian builds tun and tap without a srcversion (no MODULE_VERSION);
-        # ask modpost for one in every module, so that a booted host can tell
-        # ours from stock through /sys/module/<name>/srcversion.
+        self.say(Step(self.recipe.name, f"building {', '.join(LAB_MODULES)} against linux-headers-{release}", fraction=0.4))
+        # CONFIG_MODULE_SRCVERSION_ALL: every module gets a srcversion, as the
+        # artifacts built so far had (the cache key does not change).
         self._run(
             ["make", "-C", str(plan.headers_dir), f"M={build}", f"-j{_jobs()}", "CONFIG_MODULE_SRCVERSION_ALL=y", "modules"],
             "module build",
@@ -537,11 +504,11 @@ class _Builder:
             self._run(["strip", "--strip-debug", str(ko)], f"strip {ko.name}")
         return built
 
-    def _build_full(self) -> tuple[str, Path, dict[str, str]]:
+    def _build_full(self) -> tuple[str, Path]:
         plan = self.plan
         src = self.staging / "src"
         if plan.source_dir is not None:
-            self.say(f"{self.recipe.name}: copying {plan.source_dir}", 0.02)
+            self.say(Step(self.recipe.name, f"copying {plan.source_dir}", fraction=0.02))
             shutil.copytree(plan.source_dir, src, symlinks=True, ignore=shutil.ignore_patterns(".git"))
         else:
             assert plan.source_tarball is not None
@@ -551,12 +518,12 @@ class _Builder:
                     f"kernel source {plan.source_tarball} is missing",
                     hint=f"apt-get install {plan.source_tarball.name.removesuffix('.tar.xz')} linux-headers-{release}",
                 )
-            self.say(f"{self.recipe.name}: extracting {plan.source_tarball.name}", 0.02)
+            self.say(Step(self.recipe.name, f"extracting {plan.source_tarball.name}", fraction=0.02))
             self._extract(plan.source_tarball, src, [])
         self._apply_patches(src)
 
         base = self._base_config()
-        self.say(f"{self.recipe.name}: configuring ({base} + {len(self.recipe.configs)} fragment(s))", 0.05)
+        self.say(Step(self.recipe.name, f"configuring ({base} + {len(self.recipe.configs)} fragment(s))", fraction=0.05))
         self._run(["make", "-C", str(src), base], f"make {base}")
         if self.recipe.configs:
             self._run(
@@ -567,12 +534,12 @@ class _Builder:
         self._run(["make", "-C", str(src), "olddefconfig"], "make olddefconfig")
         self._check_config(src / ".config")
 
-        self.say(f"{self.recipe.name}: compiling (bzImage modules, -j{_jobs()})", 0.08)
+        self.say(Step(self.recipe.name, f"compiling (bzImage modules, -j{_jobs()})", fraction=0.08))
         self._run(["make", "-C", str(src), f"-j{_jobs()}", "bzImage", "modules"], "kernel build", count_objects=True)
         # Only now: CONFIG_LOCALVERSION reaches kernelrelease through
         # include/config/auto.conf, which the build writes.
         release = self._query_make(src, "kernelrelease")
-        self.say(f"{self.recipe.name}: installing modules", 0.95)
+        self.say(Step(self.recipe.name, "installing modules", fraction=0.95))
         self._run(
             ["make", "-C", str(src), "modules_install", f"INSTALL_MOD_PATH={self.root}", "INSTALL_MOD_STRIP=1"],
             "modules_install",
@@ -585,14 +552,8 @@ class _Builder:
         moddir = self.root / "lib" / "modules" / release
         for link in ("build", "source"):  # point into the staging tree, which goes away
             (moddir / link).unlink(missing_ok=True)
-        builtin_file = moddir / "modules.builtin"
-        builtin = {Path(line).name.split(".ko")[0] for line in builtin_file.read_text().split()} if builtin_file.is_file() else set()
-        srcversions = {}
-        for name in LAB_MODULES:
-            path = self._find_module(moddir, name)
-            srcversions[name] = self._srcversion(path) if path else ("builtin" if name in builtin else "absent")
         shutil.rmtree(src, ignore_errors=True)
-        return release, vmlinuz, srcversions
+        return release, vmlinuz
 
     # ---- steps -----------------------------------------------------------------
 
@@ -606,7 +567,7 @@ class _Builder:
                 return candidate
         if shutil.which("apt-get") is None:
             raise MissingPiece("apt-get is not available to fetch the kernel image", hint=f"place {package}_{version}_amd64.deb in {downloads}")
-        self.say(f"{self.recipe.name}: downloading {package} {version}", 0.02)
+        self.say(Step(self.recipe.name, f"downloading {package} {version}", fraction=0.02))
         # Into a private directory first: a half-downloaded .deb never looks cached.
         tmp = downloads / f".tmp-{os.getpid()}"
         _remove(tmp)
@@ -640,34 +601,32 @@ class _Builder:
         """The single top-level directory of a kernel tarball (linux-source-6.12, linux-6.12.1, ...)."""
         if tarball.parent == USR_SRC and tarball.name.startswith("linux-source-"):
             return tarball.name.split(".tar")[0]
-        proc = subprocess.Popen(["tar", "-t", "-f", str(tarball)], stdout=subprocess.PIPE, text=True)
         try:
-            assert proc.stdout is not None
-            first = proc.stdout.readline().strip()
-        finally:
-            proc.kill()
-            proc.wait()
-        if not first:
-            raise LabError(f"{tarball} is not a readable tarball")
-        return first.split("/")[0]
+            with tarfile.open(tarball, "r|*") as tar:  # a stream: only the first member is decompressed
+                first = next(iter(tar), None)
+        except (OSError, tarfile.TarError) as e:
+            raise LabError(f"{tarball} is not a readable tarball ({e})") from None
+        if first is None:
+            raise LabError(f"{tarball} is not a readable tarball (empty)")
+        return first.name.lstrip("./").split("/")[0]
 
     def _apply_patches(self, src: Path) -> None:
         """Apply the recipe's patches in order; a rejected hunk fails the build with the hunk shown."""
         for i, patch in enumerate(self.plan.patches, 1):
-            self.say(f"{self.recipe.name}: applying {patch.name} ({i}/{len(self.plan.patches)})", None)
+            self.say(Step(self.recipe.name, f"applying {patch.name} ({i}/{len(self.plan.patches)})"))
             reject = self.staging / f"{patch.name}.rej"
             argv = [
                 "patch", "-p1", "--batch", "--forward", "--fuzz=0", "--no-backup-if-mismatch",
                 "-d", str(src), "-r", str(reject), "-i", str(patch),
             ]
-            proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=self._remaining())
-            self._log(f"$ {' '.join(argv)}\n{proc.stdout}{proc.stderr}")
-            if proc.returncode != 0:
+            res = proc.run(argv, timeout=self._remaining(), missing_hint="apt-get install patch")
+            self._log(f"$ {' '.join(argv)}\n{res.stdout}{res.stderr}")
+            if res.rc != 0:
                 hunk = reject.read_text(errors="replace").strip() if reject.is_file() else ""
                 hunk_lines = hunk.splitlines()
                 if len(hunk_lines) > 40:
                     hunk_lines = [*hunk_lines[:40], f"... ({len(hunk_lines) - 40} more lines)"]
-                said = " | ".join(line for line in (proc.stdout + proc.stderr).splitlines() if line.strip())
+                said = " | ".join(line for line in (res.stdout + res.stderr).splitlines() if line.strip())
                 msg = f"patch {patch.name} does not apply to {self.plan.source_identity}: {said}"
                 if hunk_lines:
                     msg += "\nrejected hunk:\n" + "\n".join(hunk_lines)
@@ -690,7 +649,7 @@ class _Builder:
                     missing.append(f"{opt}={value} (got {final.get(opt, 'n')})")
         if missing:
             self._log("config options not honoured: " + ", ".join(missing))
-            self.say(f"{self.recipe.name}: {len(missing)} config option(s) not honoured: {', '.join(missing[:5])}", None)
+            self.say(Step(self.recipe.name, f"{len(missing)} config option(s) not honoured: {', '.join(missing[:5])}", warning=True))
 
     def _find_module(self, moddir: Path, name: str) -> Path | None:
         for suffix in (".ko.xz", ".ko", ".ko.zst", ".ko.gz"):
@@ -705,20 +664,17 @@ class _Builder:
             raise LabError(f"module {name} is not in {moddir}")
         return path
 
-    def _srcversion(self, module: Path) -> str:
-        return self._modinfo("srcversion", module)
-
     def _modinfo(self, fieldname: str, module: Path) -> str:
-        proc = subprocess.run(["modinfo", "-F", fieldname, str(module)], check=False, capture_output=True, text=True, timeout=60)
-        if proc.returncode != 0:
-            raise LabError(f"modinfo {module} failed: {proc.stderr.strip()}")
-        return proc.stdout.strip()
+        res = proc.run(["modinfo", "-F", fieldname, str(module)], timeout=60)
+        if res.rc != 0:
+            raise LabError(f"modinfo {module} failed: {res.stderr.strip()}")
+        return res.stdout.strip()
 
     def _query_make(self, src: Path, target: str) -> str:
-        proc = subprocess.run(["make", "-s", "-C", str(src), target], check=False, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0 or not proc.stdout.strip():
-            raise LabError(f"make {target} failed: {proc.stderr.strip()[-500:]}")
-        return proc.stdout.strip().splitlines()[-1]
+        res = proc.run(["make", "-s", "-C", str(src), target], timeout=300)
+        if res.rc != 0 or not res.stdout.strip():
+            raise LabError(f"make {target} failed: {res.stderr.strip()[-500:]}")
+        return res.stdout.strip().splitlines()[-1]
 
     # ---- running commands ------------------------------------------------------
 
@@ -743,52 +699,25 @@ class _Builder:
         The whole process group is killed on timeout and on KeyboardInterrupt.
         """
         remaining = self._remaining()
-        self._log(f"[+{time.monotonic() - self.started:.1f}s] $ {' '.join(argv)}")
-        tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self._log(f"[+{time.monotonic() - self.started:.1f}s]")
         objects = 0
-        timed_out = threading.Event()
-        try:
-            proc = subprocess.Popen(
-                argv,
-                cwd=cwd,
-                stdout=stdout if stdout is not None else subprocess.PIPE,
-                stderr=subprocess.PIPE if stdout is not None else subprocess.STDOUT,
-                text=True,
-                errors="replace",
-                start_new_session=True,  # so a timeout or ^C can kill make and all its children
-            )
-        except FileNotFoundError as e:
-            raise MissingPiece(f"{argv[0]} is not installed", hint="apt-get install build-essential flex bison libelf-dev libssl-dev bc dwarves kmod xz-utils patch") from e
 
-        def kill() -> None:
-            timed_out.set()
-            _killpg(proc)
+        def count(line: str) -> None:
+            nonlocal objects
+            if count_objects and line.lstrip().startswith("CC"):
+                objects += 1
+                if objects % 50 == 0:
+                    self.say(Step(self.recipe.name, f"compiled {objects} objects"))
 
-        watchdog = threading.Timer(remaining, kill)
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            stream = proc.stderr if stdout is not None else proc.stdout
-            assert stream is not None
-            with open(self.log_path, "a") as log:
-                for line in stream:
-                    log.write(line)
-                    tail.append(line.rstrip("\n"))
-                    if count_objects and line.lstrip().startswith("CC"):
-                        objects += 1
-                        if objects % 50 == 0:
-                            self.say(f"{self.recipe.name}: compiled {objects} objects", None)
-            rc = proc.wait()
-        except BaseException:
-            _killpg(proc)
-            raise
-        finally:
-            watchdog.cancel()
-        if timed_out.is_set():
+        res = proc.run(
+            argv, timeout=remaining, cwd=cwd, log=self.log_path, on_line=count, stdout_to=stdout, tail=LOG_TAIL_LINES,
+            missing_hint="apt-get install build-essential flex bison libelf-dev libssl-dev bc dwarves kmod xz-utils patch",
+        )
+        if res.timed_out:
             raise LabError(f"{what} did not finish within the build timeout ({self.timeout:.0f} s)", hint="raise timeouts.build in lab.toml")
-        if rc != 0:
-            shown = "\n".join(tail)
-            raise LabError(f"{what} failed (exit {rc}); last {len(tail)} lines:\n{shown}", hint=hint or f"see {self.log_path.name} in the kept log")
+        if res.rc != 0:
+            shown = "\n".join(res.tail)
+            raise LabError(f"{what} failed (exit {res.rc}); last {len(res.tail)} lines:\n{shown}", hint=hint or f"see {self.log_path.name} in the kept log")
 
     def _log(self, text: str) -> None:
         with open(self.log_path, "a") as log:
@@ -814,9 +743,6 @@ class _Builder:
 # --------------------------------------------------------------------------
 
 
-def _quiet(step: str, fraction: float | None) -> None:
-    pass
-
 
 def _jobs() -> int:
     try:
@@ -828,10 +754,10 @@ def _jobs() -> int:
 def _query(argv: list[str]) -> str:
     """stdout of a quick query command; "" when it fails or is absent."""
     try:
-        proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
+        res = proc.run(argv, timeout=60)
+    except LabError:  # MissingPiece: the tool is absent
         return ""
-    return proc.stdout if proc.returncode == 0 else ""
+    return res.stdout if res.rc == 0 else ""
 
 
 def _sha256(path: Path) -> str:
@@ -863,14 +789,6 @@ def _read_config(path: Path) -> dict[str, str]:
             k, v = line.split("=", 1)
             out[k] = v
     return out
-
-
-def _killpg(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(Exception):
-        proc.wait(timeout=10)
 
 
 def _remove(path: Path) -> None:

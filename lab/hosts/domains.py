@@ -176,4 +176,4 @@ def guest_mac(lab_name: str, guest_index: int) -> str:
     import hashlib
 
     h = hashlib.sha256(lab_name.encode()).digest()
-    return "52:54:%02x:%02x:%02x:%02x" % (h[0], h[1], (guest_index >> 8) & 0xFF, guest_index & 0xFF)
+    return f"52:54:{h[0]:02x}:{h[1]:02x}:{(guest_index >> 8) & 0xFF:02x}:{guest_index & 0xFF:02x}"

@@ -15,16 +15,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lab import proc
 from lab.errors import HostGone, LabError, MissingPiece
-from lab.hosts.remote import ABORT_GRACE_S, CommandResult, SshEndpoint, SshRunner, free_loopback_port, quote_argv, ssh_escape
+from lab.hosts.remote import ABORT_GRACE_S, CommandResult, SshEndpoint, SshRunner, quote_argv, ssh_escape
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# What a host runs for the lab's verbs (python -m ...); see lab/measure/agent.py.
+AGENT_MODULE = "lab.measure.agent"
 DATA = Path(__file__).resolve().parents[1] / "data"
 LABHOST_INITRAMFS = DATA / "labhost-initramfs.sh"
 LABHOST_INIT = DATA / "labhost-init.sh"
@@ -86,7 +87,7 @@ class HostRuntime:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path) -> "HostRuntime | None":
+    def load(cls, path: Path) -> HostRuntime | None:
         """Read a saved runtime, None when absent or unreadable."""
         try:
             return cls(**json.loads(path.read_text()))
@@ -106,6 +107,7 @@ class Host:
 
     name: str
     provider: str
+    command_timeout: float = 120.0  # a command's (and an agent verb's) bound when the caller gives none
 
     def run(self, argv: list[str], timeout: float | None = None, check: bool = True, stdin: str | None = None) -> CommandResult:
         """Run an argument list on the host."""
@@ -164,7 +166,7 @@ class Host:
         Python start on a TCG lab host costs seconds); a session that died
         or timed out is replaced on the next call.
         """
-        limit = timeout if timeout is not None else 120.0
+        limit = timeout if timeout is not None else self.command_timeout
         session = getattr(self, "_agent_session", None)
         if session is None or not session.alive():
             self._agent_session = None
@@ -196,7 +198,7 @@ class Host:
     def _answers(self) -> bool:
         return self.run(["true"], timeout=30, check=False).rc == 0
 
-    def _open_agent(self) -> "AgentSession":
+    def _open_agent(self) -> AgentSession:
         """Start `python -m lab.measure.agent serve` on the host."""
         raise NotImplementedError
 
@@ -249,14 +251,10 @@ class LocalHost(Host):
     provider: str = "local"
 
     def run(self, argv, timeout=None, check=True, stdin=None) -> CommandResult:
-        t0 = time.monotonic()
         try:
-            p = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=stdin)
-            res = CommandResult(tuple(argv), p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
-        except subprocess.TimeoutExpired:
-            res = CommandResult(tuple(argv), 124, "", f"timed out after {timeout}s", time.monotonic() - t0)
-        except FileNotFoundError as e:
-            res = CommandResult(tuple(argv), 127, "", str(e), time.monotonic() - t0)
+            res = proc.run(argv, timeout=timeout if timeout is not None else self.command_timeout, input=stdin)
+        except MissingPiece as e:
+            res = CommandResult(tuple(argv), 127, "", str(e), 0.0)
         if check:
             res.check("local")
         return res
@@ -264,8 +262,8 @@ class LocalHost(Host):
     def libvirt_uri(self) -> str:
         return "qemu:///system"
 
-    def _open_agent(self) -> "AgentSession":
-        return AgentSession.local(self.python() + ["-m", "lab.measure.agent", "serve"])
+    def _open_agent(self) -> AgentSession:
+        return AgentSession.local(self.python() + ["-m", AGENT_MODULE, "serve"])
 
     def local_guest_log(self, guest: str) -> Path | None:
         return Path(self.guest_log(guest))
@@ -282,8 +280,27 @@ class LocalHost(Host):
         return p
 
 
+class _OverSsh(Host):
+    """What every host reached over SSH shares: commands and the agent go through one SshRunner."""
+
+    _runner: SshRunner
+
+    def run(self, argv, timeout=None, check=True, stdin=None) -> CommandResult:
+        return self._runner.run(list(argv), timeout=timeout, check=check, stdin=stdin)
+
+    def endpoint(self) -> SshEndpoint:
+        return self._runner.endpoint
+
+    def close(self) -> None:
+        super().close()
+        self._runner.close()
+
+    def _open_agent(self) -> AgentSession:
+        return AgentSession.over_ssh(self._runner, self.python() + ["-m", AGENT_MODULE, "serve"])
+
+
 @dataclass
-class SshHost(Host):
+class SshHost(_OverSsh):
     """A remote machine with libvirtd and SSH (the scale-out path)."""
 
     name: str
@@ -292,13 +309,11 @@ class SshHost(Host):
     user: str
     key: Path
     port: int = 22
+    command_timeout: float = 120.0
     provider: str = "ssh"
 
     def __post_init__(self) -> None:
-        self._runner = SshRunner(SshEndpoint(self.address, self.port, self.user, self.key))
-
-    def run(self, argv, timeout=None, check=True, stdin=None) -> CommandResult:
-        return self._runner.run(list(argv), timeout=timeout, check=check, stdin=stdin)
+        self._runner = SshRunner(SshEndpoint(self.address, self.port, self.user, self.key), self.command_timeout)
 
     def python(self) -> list[str]:
         # A remote host has its own install of the lab (pip install vhost-lab).
@@ -307,20 +322,9 @@ class SshHost(Host):
     def libvirt_uri(self) -> str:
         return self.uri
 
-    def endpoint(self) -> SshEndpoint:
-        return self._runner.endpoint
-
-    def close(self) -> None:
-        self._close_agent()
-        self._close_libvirt()
-        self._runner.close()
-
-    def _open_agent(self) -> "AgentSession":
-        return AgentSession.over_ssh(self._runner, self.python() + ["-m", "lab.measure.agent", "serve"])
-
 
 @dataclass
-class NestedHost(Host):
+class NestedHost(_OverSsh):
     """A running lab host VM, reached on 127.0.0.1:ssh_port."""
 
     name: str
@@ -331,13 +335,7 @@ class NestedHost(Host):
     provider: str = "nested"
 
     def __post_init__(self) -> None:
-        self._runner = SshRunner(self.endpoint(), self.command_timeout)
-
-    def endpoint(self) -> SshEndpoint:
-        return SshEndpoint("127.0.0.1", self.runtime.ssh_port, "root", self.key)
-
-    def run(self, argv, timeout=None, check=True, stdin=None) -> CommandResult:
-        return self._runner.run(list(argv), timeout=timeout, check=check, stdin=stdin)
+        self._runner = SshRunner(SshEndpoint("127.0.0.1", self.runtime.ssh_port, "root", self.key), self.command_timeout)
 
     def libvirt_uri(self) -> str:
         # qemu+ssh would start libvirt's client library inside the lab host
@@ -350,31 +348,30 @@ class NestedHost(Host):
         fwd = getattr(self, "_forwarder", None)
         if fwd is not None and fwd.poll() is None and sock.exists():
             return sock
-        sock.unlink(missing_ok=True)
+        self._stop_forwarder()
         argv = self.endpoint().ssh_argv()[:-1] + [
             "-N", "-o", "ExitOnForwardFailure=yes", "-L", f"{ssh_escape(str(sock))}:/run/libvirt/libvirt-sock", "root@127.0.0.1",
         ]
-        self._forwarder = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        t0 = time.monotonic()
-        while not sock.exists():
-            if self._forwarder.poll() is not None:
-                err = self._forwarder.stderr.read().decode(errors="replace").strip() if self._forwarder.stderr else ""
+        self._forwarder = fwd = proc.spawn(argv, stderr=proc.PIPE, missing_hint="apt-get install openssh-client")
+
+        def up() -> bool:
+            if fwd.poll() is not None:
+                err = fwd.stderr.read().decode(errors="replace").strip() if fwd.stderr else ""
                 raise HostGone(f"lab host {self.name}: cannot forward libvirtd's socket over SSH: {err}")
-            if time.monotonic() - t0 > 30:
-                self._stop_forwarder()
-                raise HostGone(f"lab host {self.name}: libvirtd socket forward did not come up in 30s")
-            time.sleep(0.05)
+            return sock.exists()
+
+        try:
+            proc.wait_for(up, timeout=30, interval=0.05, max_interval=0.5, what=f"the libvirtd socket forward of {self.name}")
+        except proc.WaitTimeout as e:
+            self._stop_forwarder()
+            raise HostGone(f"lab host {self.name}: {e}") from None
         return sock
 
     def _stop_forwarder(self) -> None:
         fwd = getattr(self, "_forwarder", None)
         self._forwarder = None
-        if fwd is not None and fwd.poll() is None:
-            fwd.terminate()
-            try:
-                fwd.wait(5)
-            except subprocess.TimeoutExpired:
-                fwd.kill()
+        if fwd is not None:
+            proc.end(fwd, grace=5)
         (self.state_dir / f"libvirt-{os.getpid()}.sock").unlink(missing_ok=True)
 
     def local_guest_log(self, guest: str) -> Path | None:
@@ -389,13 +386,8 @@ class NestedHost(Host):
         return HostProbe(**{**asdict(p), "accel": self.runtime.accel, "kernel_recipe": self.runtime.kernel_recipe, "modules_match": match})
 
     def close(self) -> None:
-        self._close_agent()
-        self._close_libvirt()
+        super().close()
         self._stop_forwarder()
-        self._runner.close()
-
-    def _open_agent(self) -> "AgentSession":
-        return AgentSession.over_ssh(self._runner, self.python() + ["-m", "lab.measure.agent", "serve"])
 
 
 class AgentSession:
@@ -405,7 +397,7 @@ class AgentSession:
         self._send, self._readline, self._set_timeout, self._closer, self._alive = send, readline, set_timeout, closer, alive
 
     @classmethod
-    def over_ssh(cls, runner: SshRunner, argv: list[str]) -> "AgentSession":
+    def over_ssh(cls, runner: SshRunner, argv: list[str]) -> AgentSession:
         """Start the agent through an SSH runner's connection (bounded: a hung host
         would hold paramiko's channel open and exec waits for many minutes)."""
         with runner.deadline(2 * runner.endpoint.connect_timeout + ABORT_GRACE_S):
@@ -423,27 +415,27 @@ class AgentSession:
         return cls(send, rfile.readline, chan.settimeout, chan.close, lambda: not chan.closed and not chan.exit_status_ready())
 
     @classmethod
-    def local(cls, argv: list[str]) -> "AgentSession":
+    def local(cls, argv: list[str]) -> AgentSession:
         """Start the agent as a local process."""
         import queue
         import threading
 
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        child = proc.spawn(argv, stdin=proc.PIPE, stdout=proc.PIPE, stderr=None, text=True)
         replies: queue.Queue[str] = queue.Queue()
         state: dict[str, float | None] = {"timeout": None}
 
         def pump() -> None:
             # A reader thread: a select() on the pipe would miss lines the
             # text wrapper already buffered.
-            for line in proc.stdout:
+            for line in child.stdout:
                 replies.put(line)
             replies.put("")
 
         threading.Thread(target=pump, daemon=True).start()
 
         def send(line: str) -> None:
-            proc.stdin.write(line)
-            proc.stdin.flush()
+            child.stdin.write(line)
+            child.stdin.flush()
 
         def readline() -> str:
             try:
@@ -452,10 +444,9 @@ class AgentSession:
                 raise TimeoutError from None
 
         def closer() -> None:
-            proc.kill()
-            proc.wait()
+            proc.end(child, grace=1)
 
-        return cls(send, readline, lambda t: state.__setitem__("timeout", t), closer, lambda: proc.poll() is None)
+        return cls(send, readline, lambda t: state.__setitem__("timeout", t), closer, lambda: child.poll() is None)
 
     def alive(self) -> bool:
         """Whether the agent process is still there."""
@@ -466,13 +457,12 @@ class AgentSession:
 
     def call(self, args: list[str], timeout: float) -> dict:
         """Send one verb, wait at most `timeout` s for its reply."""
-        import socket
 
         self._set_timeout(timeout)
         self._send(json.dumps(list(args)) + "\n")
         try:
             line = self._readline()
-        except socket.timeout:
+        except TimeoutError:
             raise TimeoutError from None
         if not line:
             raise EOFError("the lab agent exited")
@@ -506,25 +496,22 @@ def outer_libvirt():
         raise MissingPiece(f"cannot connect to libvirtd on this machine: {e}", hint=hint) from None
 
 
-def _daemon_running(name: str) -> bool:
-    return subprocess.run(["pgrep", "-x", name], capture_output=True).returncode == 0
-
-
 def ensure_local_daemons() -> None:
     """Start virtlogd and libvirtd when they are not running (root only: no systemd here)."""
     for daemon in ("virtlogd", "libvirtd"):
-        if _daemon_running(daemon):
+        if proc.pids_named(daemon):
             continue
         exe = shutil.which(daemon) or f"/usr/sbin/{daemon}"
         if not Path(exe).exists():
             raise MissingPiece(f"{daemon} is not installed", hint="apt-get install libvirt-daemon-system qemu-system-x86")
         if os.geteuid() != 0:
             raise MissingPiece(f"{daemon} is not running and only root may start it", hint=f"sudo {daemon} -d")
-        subprocess.run([exe, "-d"], check=False)
+        proc.run([exe, "-d"], timeout=30)
     sock = Path("/run/libvirt/libvirt-sock")
-    t0 = time.monotonic()
-    while not sock.exists() and time.monotonic() - t0 < 15:
-        time.sleep(0.2)
+    try:
+        proc.wait_for(sock.exists, timeout=15, interval=0.1, what="libvirtd's socket")
+    except proc.WaitTimeout:
+        pass  # the connection attempt that follows says what is wrong
 
 
 def outer_accel() -> str:

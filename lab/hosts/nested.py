@@ -12,16 +12,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from lab.hosts.domains import LabHostDomain, SharedDir, labhost_xml
-from lab.errors import LabError
-from lab.hosts.host import LABHOST_INIT, LABHOST_INITRAMFS, HostRuntime, NestedHost, outer_accel, outer_libvirt
+from lab import proc
 from lab.artifacts.initramfs import InitramfsSpec, cached_initramfs
-from lab.paths import LabPaths
+from lab.errors import LabError
+from lab.events import Progress, Step, quiet
+from lab.hosts.domains import LabHostDomain, SharedDir, labhost_xml
+from lab.hosts.host import LABHOST_INIT, LABHOST_INITRAMFS, HostRuntime, NestedHost, outer_accel, outer_libvirt
 from lab.hosts.remote import free_loopback_port
-
-Progress = Callable[[str, float | None], None]
+from lab.paths import LabPaths
 
 # What the lab host's initramfs must load before it can reach its root.
 LABHOST_MODULES = ("9p", "9pnet_virtio", "overlay")
@@ -39,7 +38,7 @@ class KernelBoot:
     module_build_ids: dict[str, str]
 
     @classmethod
-    def from_artifact(cls, art) -> "KernelBoot":
+    def from_artifact(cls, art) -> KernelBoot:
         """From lab.artifacts.kernel.KernelArtifact (duck-typed to keep this module light)."""
         root = Path(art.modules_root)
         return cls(art.recipe, art.key, Path(art.vmlinuz), root, art.release, artifact_build_ids(root / "lib" / "modules" / art.release))
@@ -47,7 +46,8 @@ class KernelBoot:
 
 def artifact_build_ids(modules_dir: Path) -> dict[str, str]:
     """GNU build-ids of the lab's modules in an artifact, to compare with what a host loaded."""
-    from lab.hosts.probe import LAB_MODULES, module_file_build_id
+    from lab.artifacts.kernel import LAB_MODULES
+    from lab.hosts.probe import module_file_build_id
 
     out: dict[str, str] = {}
     try:
@@ -63,9 +63,6 @@ def artifact_build_ids(modules_dir: Path) -> dict[str, str]:
                 out[name] = bid
     return out
 
-
-def _noop(step: str, fraction: float | None) -> None:
-    pass
 
 
 def find_host(paths: LabPaths, name: str, key: Path, command_timeout: float = 120.0) -> NestedHost | None:
@@ -96,7 +93,7 @@ def boot_host(
     ssh_port: int = 0,
     boot_timeout: float = 300.0,
     command_timeout: float = 120.0,
-    progress: Progress = _noop,
+    progress: Progress = quiet,
 ) -> NestedHost:
     """Boot lab host `name` on `kernel` and return it once SSH answers.
 
@@ -117,7 +114,7 @@ def boot_host(
     (state / "authorized_keys").write_text(key_public_text.strip() + "\n")
     os.chmod(state / "authorized_keys", 0o600)
 
-    progress(f"{name}: initramfs", None)
+    progress(Step(name, "initramfs"))
     modules_dir = kernel.modules_root / "lib" / "modules" / kernel.release
     initrd = cached_initramfs(
         InitramfsSpec(modules_dir, LABHOST_MODULES, LABHOST_INITRAMFS.read_text()), paths.initrd_dir, f"labhost-{kernel.key[:12]}"
@@ -173,7 +170,7 @@ def boot_host(
     rt.save(paths.host_runtime(name))
     conn = outer_libvirt()
     try:
-        progress(f"{name}: booting {kernel.recipe} ({kernel.release}, {accel})", None)
+        progress(Step(name, f"booting {kernel.recipe} ({kernel.release}, {accel})"))
         try:
             conn.createXML(xml, 0)
         except Exception as e:
@@ -198,29 +195,47 @@ def _console_tail(path: Path, lines: int = 15) -> str:
 
 
 def _wait_ready(paths: LabPaths, host: NestedHost, timeout: float, progress: Progress) -> None:
+    """Until the host's init announced itself (the `ready` file) and SSH answers.
+
+    One libvirt connection serves the whole wait (a poll is a file check and
+    an isActive() call, not new processes): the 2 cores are busy booting.
+    """
     t0 = time.monotonic()
     ready = paths.host_dir(host.name) / "ready"
     console = paths.host_console(host.name)
-    while not ready.exists():
-        if time.monotonic() - t0 > timeout:
-            raise LabError(f"lab host {host.name} did not come up in {timeout:.0f}s; console:\n{_console_tail(console)}")
-        text = console.read_text(errors="replace") if console.exists() else ""
-        if "LAB-HOST-FAILED" in text or "Kernel panic" in text:
-            raise LabError(f"lab host {host.name} failed to boot; console:\n{_console_tail(console)}")
-        if find_host(paths, host.name, host.key) is None:
-            raise LabError(f"lab host {host.name} stopped while booting; console:\n{_console_tail(console)}")
-        progress(f"{host.name}: booting ({time.monotonic() - t0:.0f}s)", None)
-        time.sleep(0.5)
-    progress(f"{host.name}: waiting for SSH", None)
-    last = ""
-    while True:
+    conn = outer_libvirt()
+    try:
+        dom = conn.lookupByName(host.runtime.domain)
+
+        def booted() -> bool:
+            if ready.exists():
+                return True
+            text = console.read_text(errors="replace") if console.exists() else ""
+            if "LAB-HOST-FAILED" in text or "Kernel panic" in text:
+                raise LabError(f"lab host {host.name} failed to boot; console:\n{_console_tail(console)}")
+            if not dom.isActive():
+                raise LabError(f"lab host {host.name} stopped while booting; console:\n{_console_tail(console)}")
+            return False
+
+        try:
+            proc.wait_for(booted, timeout=timeout, interval=0.5, max_interval=2.0, what=f"lab host {host.name} to boot",
+                          on_wait=lambda s: progress(Step(host.name, "booting", elapsed_s=s)))
+        except proc.WaitTimeout:
+            raise LabError(f"lab host {host.name} did not come up in {timeout:.0f}s; console:\n{_console_tail(console)}") from None
+    finally:
+        conn.close()
+    progress(Step(host.name, "waiting for SSH"))
+    last = {"err": ""}
+
+    def answers() -> bool:
         res = host.run(["true"], timeout=60, check=False)
-        if res.rc == 0:
-            return
-        last = res.stderr.strip()
-        if time.monotonic() - t0 > timeout:
-            raise LabError(f"lab host {host.name}: SSH on 127.0.0.1:{host.runtime.ssh_port} does not answer: {last}")
-        time.sleep(1)
+        last["err"] = res.stderr.strip()
+        return res.rc == 0
+
+    try:
+        proc.wait_for(answers, timeout=max(10.0, timeout - (time.monotonic() - t0)), interval=1.0, what="SSH")
+    except proc.WaitTimeout:
+        raise LabError(f"lab host {host.name}: SSH on 127.0.0.1:{host.runtime.ssh_port} does not answer: {last['err']}") from None
 
 
 def destroy_host(paths: LabPaths, name: str) -> bool:

@@ -12,7 +12,8 @@ import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-LAB_MODULES = ("tun", "tap", "vhost", "vhost_net")
+from lab.artifacts.kernel import LAB_MODULES
+
 # Exported by the nodrop series' tun patch for vhost_net; absent on stock.
 NODROP_SYMBOL = "tun_get_tx_queue"
 

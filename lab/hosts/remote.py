@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab.errors import CommandFailed, LabError
+from lab.errors import LabError
+from lab.proc import Completed
 
 # Values the lab is willing to pass to a shell-out at all. Quoting makes any
 # string safe; this refuses what a config value has no business containing.
@@ -54,21 +55,8 @@ def quote_argv(argv: list[str] | tuple[str, ...]) -> str:
     return shlex.join(list(argv))
 
 
-@dataclass(frozen=True)
-class CommandResult:
-    """What a command did on a host."""
-
-    argv: tuple[str, ...]
-    rc: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    def check(self, where: str = "") -> "CommandResult":
-        """Raise CommandFailed unless rc == 0."""
-        if self.rc != 0:
-            raise CommandFailed(list(self.argv), self.rc, self.stdout, self.stderr, where)
-        return self
+# A remote command's result is the same type as a local one's.
+CommandResult = Completed
 
 
 @dataclass(frozen=True)
@@ -79,7 +67,7 @@ class SshEndpoint:
     port: int
     user: str
     key: Path
-    jump: "SshEndpoint | None" = None
+    jump: SshEndpoint | None = None
     connect_timeout: float = 30.0
 
     def __post_init__(self) -> None:
@@ -257,14 +245,3 @@ def free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "condition") -> float:
-    """Poll `predicate` until it returns truthy; return seconds waited or raise LabError."""
-    t0 = time.monotonic()
-    while True:
-        if predicate():
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
-            raise LabError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab import proc
 from lab.errors import LabError, MissingPiece
 
 KEY_NAME = "id_ed25519"
@@ -37,12 +37,12 @@ def _ssh_keygen() -> str:
     return exe
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
-    if proc.returncode != 0:
-        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        raise LabError(f"`{' '.join(argv)}` exited {proc.returncode}: {tail}")
-    return proc
+def _run(argv: list[str]) -> proc.Completed:
+    res = proc.run(argv, timeout=60)
+    if res.rc != 0:
+        tail = " | ".join((res.stderr or res.stdout).strip().splitlines()[-3:])
+        raise LabError(f"`{' '.join(argv)}` exited {res.rc}: {tail}")
+    return res
 
 
 def key_dir(workdir: Path, lab_name: str) -> Path:

@@ -223,7 +223,7 @@ def run_verb(argv: list[str]) -> tuple[dict[str, Any], int]:
     try:
         args = build_parser().parse_args(argv)
         return args.func(args), 0
-    except Exception as exc:  # noqa: BLE001 - the contract: every error is one JSON object
+    except Exception as exc:
         return {"error": str(exc) or type(exc).__name__, "type": type(exc).__name__}, 1
 
 

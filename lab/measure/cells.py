@@ -16,16 +16,9 @@ import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # only for annotations: lab.config imports this module lazily
-    from lab.config import MatrixSpec
+from lab.config import AMBIGUOUS_KERNEL, BACKENDS, MatrixSpec
 
-BACKENDS = ("tap", "vhost")
-
-# A kernel name ending in "-r<digits>" would be indistinguishable from the
-# repeat suffix, so such names are refused (lab.config refuses them too).
-_AMBIGUOUS_KERNEL = re.compile(r"-r[0-9]+\Z")
 _KERNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
 _CELL_ID = re.compile(
@@ -68,7 +61,7 @@ class Cell:
         # (a hand-built Cell whose id would not parse back).
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not _KERNEL_NAME.match(self.kernel) or _AMBIGUOUS_KERNEL.search(self.kernel):
+        if not _KERNEL_NAME.match(self.kernel) or AMBIGUOUS_KERNEL.fullmatch(self.kernel):
             raise ValueError(f"kernel name {self.kernel!r} cannot be spelled in a cell id")
         if isinstance(self.txqueuelen, bool) or not isinstance(self.txqueuelen, int) or self.txqueuelen < 0:
             raise ValueError(f"txqueuelen must be an integer >= 0, got {self.txqueuelen!r}")
@@ -96,7 +89,7 @@ def parse_cell_id(cell_id: str) -> dict[str, object]:
     """
     m = _CELL_ID.match(cell_id)
     # "-r0"/"-r01" are not repeat suffixes, and no kernel may end like one
-    if m is None or _AMBIGUOUS_KERNEL.search(m["kernel"]):
+    if m is None or AMBIGUOUS_KERNEL.fullmatch(m["kernel"]):
         raise ValueError(f"not a cell id: {cell_id!r} (expected <tap|vhost>-qlen<n>-rtt<ms>-<kernel>[-r<n>])")
     return {
         "backend": m["backend"],

@@ -400,7 +400,7 @@ class _Run:
     def _guard(self, fn) -> None:
         try:
             fn()
-        except BaseException as e:  # noqa: BLE001 - reported by go(), never lost in a thread
+        except BaseException as e:
             self.errors.append(e)
             self.stop.set()
 

@@ -31,16 +31,18 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lab import guests, lifecycle
-from lab.hosts import nested
-from lab.verdicts import expect
-from lab.measure.cells import Cell, expand
 from lab.errors import HostGone, LabError
+from lab.events import Progress, Step, quiet
+from lab.hosts import nested
+from lab.measure.cells import Cell, expand
+from lab.measure.traffic import iperf3_server_argv
+from lab.verdicts import expect
 from lab.verdicts.results import (
     STABLE_KEYS,
     STATUS_ERROR,
@@ -55,7 +57,6 @@ from lab.verdicts.results import (
     resolve_run,
     runs_dir,
 )
-from lab.measure.traffic import iperf3_server_argv
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -67,7 +68,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lab.measure.matrix")
 
-Progress = Callable[[str, float | None], None]
 
 GUEST_ACCEL = "kvm"  # guests always run with -accel kvm inside the lab host (lab.guests)
 GUEST_DEV = "eth0"  # the guest's NIC (images/guest-init.sh configures it)
@@ -84,9 +84,6 @@ _IDENTITY_KEYS = frozenset(
 )
 MEASURED_KEYS = tuple(k for k in STABLE_KEYS if k not in _IDENTITY_KEYS)
 
-
-def _noop(step: str, fraction: float | None) -> None:
-    pass
 
 
 # =========================================================================== pure parts
@@ -338,7 +335,7 @@ class MatrixRunner:
     instead of timing out once per cell).
     """
 
-    def __init__(self, ctx: LabContext, spec: MatrixSpec, store: RunStore, progress: Progress = _noop) -> None:
+    def __init__(self, ctx: LabContext, spec: MatrixSpec, store: RunStore, progress: Progress = quiet) -> None:
         cfg = ctx.cfg
         self.ctx = ctx
         self.spec = spec
@@ -406,7 +403,7 @@ class MatrixRunner:
             result = cell_result_from_stream(
                 cell, reply, host_facts=self.host_facts, started_at=started, finished_at=now_iso(), commands=commands
             )
-        except Exception as exc:  # noqa: BLE001 - every fault stays inside its cell
+        except Exception as exc:
             message = describe_error(exc, stage)
             console = self._save_console(cell, stage)
             result = error_result(
@@ -420,7 +417,7 @@ class MatrixRunner:
             )
             self.timing.cells_run += 1
             self.store.append(result)
-            self.progress(f"{cell.id}: error: {message}", None)
+            self.progress(Step(cell.id, f"error: {message}", warning=True))
             self._recover(exc, stage)
             return result
         self.timing.cells_run += 1
@@ -486,7 +483,7 @@ class MatrixRunner:
         try:
             before = self._running_host()
             t0 = time.monotonic()
-            self.progress(f"{self.host_spec.name}: lab host on kernel {kernel}", None)
+            self.progress(Step(self.host_spec.name, f"lab host on kernel {kernel}"))
             host = lifecycle.up_host(self.ctx, self.host_spec, kernel=kernel, progress=self.progress)
             rt = getattr(host, "runtime", None)
             # only a nested host is booted by the lab; local and ssh hosts are just connected to
@@ -514,7 +511,7 @@ class MatrixRunner:
             return None
         try:
             h = nested.find_host(self.ctx.paths, self.host_spec.name, self.ctx.key.private, self.ctx.cfg.timeouts.command)
-        except Exception:  # noqa: BLE001 - unknown means "boot it"
+        except Exception:
             return None
         return None if h is None else h.runtime.started_at
 
@@ -535,10 +532,10 @@ class MatrixRunner:
         }
         exp = self.ctx.cfg.expectations
         if p.modules_match is False:
-            self.progress(f"warning: {self.host_spec.name}/{kernel}: loaded tun/tap/vhost modules are not the artifact's", None)
+            self.progress(Step(f"{self.host_spec.name}/{kernel}", "loaded tun/tap/vhost modules are not the artifact's", warning=True))
         if kernel == exp.nodrop_kernel and p.nodrop is False:
-            self.progress(f"warning: {self.host_spec.name}/{kernel}: the nodrop behaviour is not detected", None)
-        self.progress(f"{self.host_spec.name}/{kernel}: {p.release}, accel {p.accel}, nodrop {p.nodrop}", None)
+            self.progress(Step(f"{self.host_spec.name}/{kernel}", "the nodrop behaviour is not detected", warning=True))
+        self.progress(Step(f"{self.host_spec.name}/{kernel}", f"{p.release}, accel {p.accel}, nodrop {p.nodrop}"))
         return facts
 
     def _ensure_guest(self, backend: str, txqueuelen: int) -> RunningGuest:
@@ -593,7 +590,7 @@ class MatrixRunner:
                     text = "\n".join(path.read_text(errors="replace").splitlines()[-CONSOLE_TAIL_LINES:])
             elif stage in ("guest boot", "cell") and self.host is not None:
                 text = guests.console_tail(self.host, self.guest_spec.name, CONSOLE_TAIL_LINES)
-        except Exception as exc:  # noqa: BLE001 - a missing log must not hide the cell's own error
+        except Exception as exc:
             text = f"(console log unavailable: {exc})"
         if not text:
             return None
@@ -616,14 +613,14 @@ class MatrixRunner:
         shell = self._guest_shell()
         res = shell.run(["true"], timeout=HEALTH_TIMEOUT_S, check=False)
         if res.rc != 0:
-            self.progress(f"{self.guest_spec.name}: does not answer SSH ({res.stderr.strip()[:80]}); destroying it", None)
+            self.progress(Step(self.guest_spec.name, f"does not answer SSH ({res.stderr.strip()[:80]}); destroying it", warning=True))
             self._drop_guest(destroy=True)
             return
         # a killed or timed-out iperf3 client can leave the server wedged on a stale connection
         shell.run(["pkill", "-x", "iperf3"], timeout=HEALTH_TIMEOUT_S, check=False)
         restart = shell.run(iperf3_server_argv(daemon=True), timeout=HEALTH_TIMEOUT_S, check=False)
         if restart.rc != 0:
-            self.progress(f"{self.guest_spec.name}: iperf3 server did not restart; destroying the guest", None)
+            self.progress(Step(self.guest_spec.name, "iperf3 server did not restart; destroying the guest", warning=True))
             self._drop_guest(destroy=True)
 
     def _host_gone(self) -> bool:
@@ -633,11 +630,11 @@ class MatrixRunner:
             try:
                 if nested.find_host(self.ctx.paths, self.host_spec.name, self.ctx.key.private) is None:
                     return True
-            except Exception:  # noqa: BLE001 - cannot tell: ask the host itself
+            except Exception:
                 pass
         try:
             return self.host.run(["true"], timeout=HEALTH_TIMEOUT_S, check=False).rc == 255
-        except Exception:  # noqa: BLE001
+        except Exception:
             return True
 
     def _forget_host(self) -> None:
@@ -650,7 +647,7 @@ class MatrixRunner:
             self.ctx.hosts.pop(self.host_spec.name, None)
             try:
                 self.host.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         self.host = self.host_kernel = self.host_facts = None
 
@@ -663,8 +660,8 @@ class MatrixRunner:
         if guest is not None and destroy:
             try:
                 guests.destroy_guest(self.ctx.paths, guest.host, guest.plan.name, guest.plan.tap)
-            except Exception as exc:  # noqa: BLE001 - the host may be going away; down() cleans up
-                self.progress(f"{guest.plan.name}: destroy failed: {exc}", None)
+            except Exception as exc:
+                self.progress(Step(guest.plan.name, f"destroy failed: {exc}", warning=True))
 
     # ------------------------------------------------------------------ the end
     def close(self, keep: bool = False) -> None:
@@ -677,15 +674,15 @@ class MatrixRunner:
         host_goes = self.host_spec.provider == "nested" and self._made_host
         # destroying a nested host destroys its guests; a guest on a host that stays is destroyed here
         if self.guest is not None and self.gone is None and not host_goes:
-            self.progress(f"destroying guest {self.guest.domain}", None)
+            self.progress(Step(self.guest.domain, "destroying guest"))
         self._drop_guest(destroy=self.gone is None and not host_goes)
         if host_goes:
-            self.progress(f"destroying lab host {self.ctx.paths.domain_name(self.host_spec.name)}", None)
+            self.progress(Step(self.ctx.paths.domain_name(self.host_spec.name), "destroying lab host"))
             self._forget_host()
             try:
                 nested.destroy_host(self.ctx.paths, self.host_spec.name)
-            except Exception as exc:  # noqa: BLE001
-                self.progress(f"{self.host_spec.name}: destroy failed: {exc} (fix: lab down)", None)
+            except Exception as exc:
+                self.progress(Step(self.host_spec.name, f"destroy failed: {exc} (fix: lab down)", warning=True))
             self._made_host = False
         self.host = self.host_kernel = self.host_facts = None
 
@@ -826,21 +823,20 @@ def finish_run(
 
 
 class _StepPrinter:
-    """A progress sink for boot steps: one line per new step, not one per tick ("booting (12s)")."""
+    """A sink for boot steps: one line per new step (Step.key), not one per tick ("booting (12s)")."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
-        self.last = ""
+        self.last: tuple[str, str] | None = None
 
-    def __call__(self, step: str, fraction: float | None) -> None:
+    def __call__(self, step: Step) -> None:
         from rich.text import Text
 
-        head = step.split("(")[0].strip()
-        if head == self.last:
+        if step.key == self.last and not step.warning:
             return
-        self.last = head
-        log.info("%s", step)
-        self.console.print(Text(f"{time.strftime('%H:%M:%S')} {step}", style="dim"))
+        self.last = step.key
+        log.info("%s", step.text())
+        self.console.print(Text(f"{time.strftime('%H:%M:%S')} {step.text()}", style="yellow" if step.warning else "dim"))
 
 
 def summary_line(outcome: MatrixOutcome) -> str:

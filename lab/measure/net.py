@@ -275,7 +275,7 @@ def create_tap(spec: TapDevice) -> TapDevice:
             # never leave a half-configured tap behind
             try:
                 ipr.link("del", ifname=spec.name)
-            except Exception:  # noqa: BLE001,S110 - the original error is the one to report
+            except Exception:
                 pass
             raise
     if netns is None:
@@ -712,7 +712,7 @@ class BacklogSampler:
                         self._packets = max(self._packets, q.backlog_packets)
                         self._samples += 1
                         return
-        except Exception as exc:  # noqa: BLE001 - reported through BacklogPeak.error, never lost
+        except Exception as exc:
             self._error = f"{type(exc).__name__}: {exc}"
         finally:
             self._ready.set()

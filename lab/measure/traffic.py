@@ -1,4 +1,4 @@
-"""iperf3 runs and their parsing; host TCP counters (retransmits) from nstat or /proc.
+"""iperf3 runs and their parsing; host TCP counters (retransmits) from /proc/net/snmp.
 
 Commands are built as argv lists from validated values, never as shell
 strings: every element either is a fixed option or matched a strict pattern,
@@ -18,14 +18,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
-import os
 import re
-import signal
-import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from lab.errors import LabError, MissingPiece
+from lab import proc
+from lab.errors import LabError
 from lab.measure.net import IFNAME_RE, validate_netns
 
 CONGESTION_RE = re.compile(r"^[a-z0-9_]+$")
@@ -320,43 +318,12 @@ def tcp_delta(before: TcpCounters, after: TcpCounters) -> TcpCounters:
     return diff
 
 
-def tcp_counters_argv() -> list[str]:
-    """nstat printing absolute TCP counters as JSON without touching its history file."""
-    # -a absolute values, -z include zeros, -s do not write ~/.nstat history, -j JSON
-    return ["nstat", "-azsj", "TcpRetransSegs", "TcpOutSegs"]
-
-
-def parse_nstat(text: str) -> TcpCounters:
-    """Parse `nstat -az -j` JSON ({"kernel": {...}}) or plain `nstat -az` text."""
-    values: dict[str, int] = {}
-    stripped = (text or "").strip()
-    if stripped.startswith("{"):
-        try:
-            doc = json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"nstat JSON is invalid: {exc}") from None
-        kernel = _dict(_dict(doc).get("kernel"))
-        for key, value in kernel.items():
-            number = _whole(value)
-            if number is not None:
-                values[key] = number
-    else:
-        for line in stripped.splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and not line.startswith("#") and parts[1].isdigit():
-                values[parts[0]] = int(parts[1])
-    missing = [k for k in ("TcpRetransSegs", "TcpOutSegs") if k not in values]
-    if missing:
-        raise ValueError(f"nstat output lacks {', '.join(missing)}")
-    return TcpCounters(retrans_segs=values["TcpRetransSegs"], out_segs=values["TcpOutSegs"])
-
-
 def parse_proc_snmp(text: str) -> TcpCounters:
     """Parse the two "Tcp:" lines (names, then values) of /proc/net/snmp."""
     tcp = [line.split()[1:] for line in text.splitlines() if line.startswith("Tcp:")]
     if len(tcp) < 2 or len(tcp[0]) != len(tcp[1]):
         raise ValueError("/proc/net/snmp has no Tcp: header/value pair")
-    row = dict(zip(tcp[0], tcp[1]))
+    row = dict(zip(tcp[0], tcp[1], strict=False))
     try:
         return TcpCounters(retrans_segs=int(row["RetransSegs"]), out_segs=int(row["OutSegs"]))
     except (KeyError, ValueError) as exc:
@@ -378,10 +345,10 @@ def read_tcp_counters(netns: str | None = None, timeout: float = 10.0) -> TcpCou
             return parse_proc_snmp(fh.read())
     # /proc/net follows the reader's namespace: read it from a process inside
     argv = netns_exec_argv(netns, ["cat", "/proc/net/snmp"])
-    proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise LabError(f"reading /proc/net/snmp in netns {netns} failed: {proc.stderr.strip()}")
-    return parse_proc_snmp(proc.stdout)
+    res = proc.run(argv, timeout=timeout, missing_hint="apt-get install iproute2")
+    if res.rc != 0:
+        raise LabError(f"reading /proc/net/snmp in netns {netns} failed: {res.stderr.strip()}")
+    return parse_proc_snmp(res.stdout)
 
 
 # --------------------------------------------------------------------------
@@ -407,41 +374,12 @@ def run_local_stream(run: Iperf3Run, netns_client: str | None = None, timeout: f
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
         raise ValueError(f"timeout: must be a positive number of seconds, got {timeout!r}")
     argv = local_stream_argv(run, netns_client)
-    try:
-        # own session: on timeout the whole group (ip netns exec -> iperf3) goes
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-    except FileNotFoundError as exc:
-        raise MissingPiece(f"{argv[0]} is not installed", hint="apt-get install iperf3 iproute2") from exc
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        raise Iperf3Timeout(
-            f"iperf3 to {run.server}:{run.port} did not finish within {timeout:g} s; killed"
-        ) from None
-    except BaseException:
-        _kill_group(proc)
-        raise
-    if not out.strip() and proc.returncode != 0:
-        tail = " | ".join(err.strip().splitlines()[-3:])
-        raise Iperf3Error(f"iperf3 exited {proc.returncode} without output" + (f": {tail}" if tail else ""))
+    # own session: on timeout the whole group (ip netns exec -> iperf3) goes
+    res = proc.run(argv, timeout=timeout, missing_hint="apt-get install iperf3 iproute2")
+    if res.timed_out:
+        raise Iperf3Timeout(f"iperf3 to {run.server}:{run.port} did not finish within {timeout:g} s; killed")
+    out = res.stdout
+    if not out.strip() and res.rc != 0:
+        tail = " | ".join(res.stderr.strip().splitlines()[-3:])
+        raise Iperf3Error(f"iperf3 exited {res.rc} without output" + (f": {tail}" if tail else ""))
     return parse_iperf3(out)
-
-
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    """Kill the process group we started for `proc` and reap it."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass

@@ -52,8 +52,6 @@ class ExpectationsLike(Protocol):
     def delay_min_ratio(self) -> float: ...
 
     @property
-    def tcg_cross_kernel_min_ratio(self) -> float: ...
-    @property
     def vhost_min_gbps(self) -> float: ...
 
 
@@ -263,7 +261,7 @@ def _retrans_low(idx: _Index, exp: ExpectationsLike) -> Property:
 
 
 def _delay(idx: _Index, exp: ExpectationsLike, tcg: bool = False) -> Property:
-    min_ratio = min(exp.delay_min_ratio, exp.tcg_cross_kernel_min_ratio) if tcg else exp.delay_min_ratio
+    min_ratio = exp.delay_min_ratio
     name = "delay-nodrop-vs-stock"
     full, desc = f"{idx.backend}/{name}", DESCRIPTIONS[name]
     points = sorted({(q, r) for (_, q, r) in idx.by_key if r > 0}, key=lambda p: (p[1], -p[0]))
@@ -336,10 +334,8 @@ def evaluate(
     exp = expectations
     stock, nodrop = exp.stock_kernel, exp.nodrop_kernel
     props: list[Property] = []
-    # Cross-kernel comparisons span two lab host boots; under TCG they get the
-    # looser bound measured for that (see Expectations.tcg_cross_kernel_min_ratio).
     tcg = host_accel == "tcg"
-    regression_min = min(exp.no_regression_min_ratio, exp.tcg_cross_kernel_min_ratio) if tcg else exp.no_regression_min_ratio
+    regression_min = exp.no_regression_min_ratio
     for backend in backends_in_order(summaries):
         idx = _Index(backend)
         for s in summaries:

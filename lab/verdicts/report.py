@@ -375,7 +375,7 @@ def _ascii_table(bt: _BackendTable, width: int) -> tuple[list[str], list[str]]:
 
     def fmt_row(cells: list[str]) -> str:
         parts = []
-        for i, (c, wd) in zip(cols, zip(cells, w)):
+        for i, (c, wd) in zip(cols, zip(cells, w, strict=False), strict=False):
             parts.append(c.ljust(wd) if bt.columns[i].left else c.rjust(wd))
         return "  " + "  ".join(parts)
 

@@ -164,13 +164,12 @@ def cannot_run() -> str | None:
     return None
 
 
-def _progress(step: str, fraction: float | None) -> None:
+def _progress(step) -> None:
     # Boot steps tick every second; log each new step once (pytest shows it with
     # -o log_cli=true, and in the report of a failed test).
-    head = step.split("(")[0].strip()
-    if head != getattr(_progress, "last", None):
-        _progress.last = head  # type: ignore[attr-defined]
-        log.info("%s", step)
+    if step.key != getattr(_progress, "last", None) or step.warning:
+        _progress.last = step.key  # type: ignore[attr-defined]
+        log.info("%s", step.text())
 
 
 @dataclass

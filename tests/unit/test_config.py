@@ -25,13 +25,12 @@ from lab.config import (
     MAX_U32,
     ConfigError,
     LabConfig,
-    config_to_dict,
     find_config,
     load_config,
     loads_config,
     read_mem_total_mib,
-    render_config,
 )
+from lab.configview import config_to_dict, render_config
 
 KNOWN_KEYS = frozenset().union(*(getattr(config_module, name) for name in dir(config_module) if name.endswith("_KEYS")))
 MEM = 8192  # MiB: the pretend MemTotal of "this machine" in these tests

@@ -19,7 +19,6 @@ from lab.artifacts.image import (
     GuestImage,
     ImageRecipe,
     build_image,
-    guest_disk_overlay_argv,
     image_key,
     load_recipe,
 )
@@ -93,26 +92,26 @@ def test_minimal_recipe_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "edit, key_path, words",
     [
-        (lambda b: b.replace('"iperf3", "iproute2"', '"iperf3", "Bad_Name"'), "packages[2]", "not a Debian package name"),
-        (lambda b: b.replace('"iperf3", "iproute2"', '"iperf3", 7'), "packages[2]", "must be a string"),
-        (lambda b: b.replace('"iperf3", "iproute2"', '"iperf3", "iperf3"'), "packages[2]", "listed twice"),
-        (lambda b: b.replace(', "iproute2"', ""), "packages", "must include 'iproute2'"),
-        (lambda b: b.replace('name = "tiny"\n', ""), "name", "missing"),
-        (lambda b: b.replace('name = "tiny"', 'name = "Tiny Image"'), "name", "is not a name"),
+        (lambda b: b.replace('"iperf3", "iproute2"', '"iperf3", "Bad_Name"'), "packages[2]", "expected a Debian package name, got \"Bad_Name\""),
+        (lambda b: b.replace('"iperf3", "iproute2"', '"iperf3", 7'), "packages[2]", "got an integer (7)"),
+        (lambda b: b.replace('"iperf3", "iproute2"', '"iperf3", "iperf3"'), "packages[2]", "expected no duplicates"),
+        (lambda b: b.replace(', "iproute2"', ""), "packages", "to include \"iproute2\""),
+        (lambda b: b.replace('name = "tiny"\n', ""), "name", "required key is missing"),
+        (lambda b: b.replace('name = "tiny"', 'name = "Tiny Image"'), "name", "expected a name matching"),
         (lambda b: b + "pakages = []\n", "pakages", "unknown key"),
-        (lambda b: b + "size_mib = \"1G\"\n", "size_mib", "must be an integer"),
-        (lambda b: b + "size_mib = 16\n", "size_mib", "out of range"),
-        (lambda b: b + "format = \"vmdk\"\n", "format", "not one of"),
-        (lambda b: b + "variant = \"fat\"\n", "variant", "not one of"),
-        (lambda b: b + "mirrors = [\"/etc/passwd\"]\n", "mirrors[0]", "neither a mirror URI"),
+        (lambda b: b + "size_mib = \"1G\"\n", "size_mib", "got a string (\"1G\")"),
+        (lambda b: b + "size_mib = 16\n", "size_mib", "expected an integer from 128 to 65536 (MiB), got 16"),
+        (lambda b: b + "format = \"vmdk\"\n", "format", "expected \"qcow2\" or \"raw\", got \"vmdk\""),
+        (lambda b: b + "variant = \"fat\"\n", "variant", "got \"fat\""),
+        (lambda b: b + "mirrors = [\"/etc/passwd\"]\n", "mirrors[0]", "expected a mirror URI"),
         (lambda b: b + "remove = [\"/usr/share/doc\", \"../etc\"]\n", "remove[1]", "absolute path"),
         (lambda b: b + "remove = [\"/*\"]\n", "remove[0]", "absolute path"),
-        (lambda b: b + "hook_dirs = [\"../evil\"]\n", "hook_dirs[0]", "not a hook directory"),
+        (lambda b: b + "hook_dirs = [\"../evil\"]\n", "hook_dirs[0]", "expected a hook directory name"),
         (lambda b: b.replace('"init.sh"', '"missing.sh"'), "init", "no such file"),
         (lambda b: b.replace('"init.sh"', '"/etc/passwd"'), "init", "relative"),
-        (lambda b: b + "[sshd]\nUseDNS = false\n", "sshd.UseDNS", "must be a string"),
+        (lambda b: b + "[sshd]\nUseDNS = false\n", "sshd.UseDNS", "got a boolean (false)"),
         (lambda b: b + "[sshd]\nUseDNS = \"no\\nPermitRootLogin yes\"\n", "sshd.UseDNS", "single line"),
-        (lambda b: b + "[sshd]\n\"Use DNS\" = \"no\"\n", "sshd.Use DNS", "not an sshd_config keyword"),
+        (lambda b: b + "[sshd]\n\"Use DNS\" = \"no\"\n", "sshd.\"Use DNS\"", "expected an sshd_config keyword"),
         (lambda b: b + "[[files]]\nsrc = \"init.sh\"\ndest = \"etc/x\"\n", "files[0].dest", "absolute file path"),
         (lambda b: b + "[[files]]\nsrc = \"init.sh\"\ndest = \"/etc/x\"\nmode = \"rw\"\n", "files[0].mode", "octal"),
         (lambda b: b + "[[files]]\nsrc = \"nope\"\ndest = \"/etc/x\"\n", "files[0].src", "no such file"),
@@ -221,12 +220,12 @@ def test_cached_image_is_returned_without_building(tmp_path: Path, monkeypatch) 
     r = load_recipe(p)
     d = fake_cache_entry(tmp_path / "wd", r, image_key(r, PUBKEY, "mmdebstrap 1.3.5"))
     steps = []
-    img = build_image(p, tmp_path / "wd", PUBKEY, progress=lambda s, f: steps.append((s, f)))
+    img = build_image(p, tmp_path / "wd", PUBKEY, progress=lambda s: steps.append((s.subject, s.action, s.fraction)))
     assert img.path == d / "tiny.qcow2"
     assert img.manifest_path == d / "manifest.json"
     assert (img.name, img.format, img.size_mib) == ("tiny", "qcow2", 1024)
     assert img.host_key.startswith("ssh-ed25519 ")
-    assert steps == [("cached", 1.0)]
+    assert steps == [("image tiny", "cached", 1.0)]
 
 
 def test_incomplete_cache_entry_is_not_an_image(tmp_path: Path) -> None:
@@ -243,18 +242,6 @@ def test_bad_public_key_is_refused(tmp_path: Path, monkeypatch, bad: str) -> Non
     monkeypatch.setattr(image, "_build_in", lambda *a, **k: pytest.fail("must not build"))
     with pytest.raises(LabError, match="public key"):
         build_image(write_recipe(tmp_path, MINIMAL), tmp_path / "wd", bad)
-
-
-def test_overlay_argv(tmp_path: Path, monkeypatch) -> None:
-    base = tmp_path / "images" / "bookworm-abc" / "bookworm.qcow2"
-    ov = tmp_path / "run" / "guest1.qcow2"
-    assert guest_disk_overlay_argv(base, ov) == [
-        "qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(ov),
-    ]  # fmt: skip
-    monkeypatch.chdir(tmp_path)
-    argv = guest_disk_overlay_argv(Path("images/bookworm-abc/bookworm.qcow2"), Path("ov.qcow2"))
-    assert argv[argv.index("-b") + 1] == str(base)  # a relative backing path would resolve against the overlay's dir
-    assert guest_disk_overlay_argv(base, ov, backing_format="raw")[5] == "raw"
 
 
 # --------------------------------------------------------------------------- failure messages

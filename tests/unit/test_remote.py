@@ -22,7 +22,6 @@ from lab.hosts.remote import (
     quote_argv,
     ssh_config_quote,
     ssh_escape,
-    wait_for,
 )
 
 # What quote_argv accepts: anything but C0 controls other than tab, and DEL.
@@ -224,50 +223,6 @@ def test_command_result_check() -> None:
         bad.check("root@10.0.0.2")
     assert ei.value.rc == 2 and ei.value.argv == ["ls", "/no such"]
     assert str(ei.value) == "root@10.0.0.2: `ls '/no such'` exited 2: ls: cannot access"
-
-
-# --------------------------------------------------------------------------
-# wait_for
-# --------------------------------------------------------------------------
-
-
-def test_wait_for_immediate() -> None:
-    t0 = time.monotonic()
-    waited = wait_for(lambda: True, timeout=5, interval=1)
-    assert 0 <= waited < 0.5 and time.monotonic() - t0 < 0.5
-
-
-def test_wait_for_after_some_polls() -> None:
-    calls = []
-
-    def pred() -> bool:
-        calls.append(time.monotonic())
-        return len(calls) >= 4
-
-    waited = wait_for(pred, timeout=5, interval=0.05)
-    assert len(calls) == 4
-    assert 0.15 <= waited < 2
-
-
-def test_wait_for_condition_set_by_another_thread() -> None:
-    ev = threading.Event()
-    threading.Timer(0.2, ev.set).start()
-    waited = wait_for(ev.is_set, timeout=5, interval=0.02)
-    assert 0.15 <= waited < 2
-
-
-def test_wait_for_times_out_within_bounds() -> None:
-    t0 = time.monotonic()
-    with pytest.raises(LabError) as ei:
-        wait_for(lambda: False, timeout=0.5, interval=0.05, what="the lab host's ready file")
-    took = time.monotonic() - t0
-    assert 0.5 <= took < 0.5 + 0.05 + 0.5
-    assert "the lab host's ready file" in str(ei.value)
-
-
-def test_wait_for_propagates_predicate_errors() -> None:
-    with pytest.raises(ZeroDivisionError):
-        wait_for(lambda: 1 / 0, timeout=1, interval=0.01)
 
 
 # --------------------------------------------------------------------------
