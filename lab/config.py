@@ -20,7 +20,7 @@ import dataclasses
 import os
 import re
 import tomllib
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -64,6 +64,14 @@ MAX_DURATION_S = 86_400
 MAX_STREAMS = 128
 
 BACKENDS = ("tap", "vhost")
+# Root qdiscs a cell can put on the guest's tap after libvirt attached it;
+# "default" is the lab host's default_qdisc (what the kernel picks).
+QDISCS = ("default", "fq_codel", "pfifo_fast", "pfifo", "fq", "noqueue")
+ORDERS = ("abba", "shuffle")  # how arms sharing a lab host boot alternate
+# How a lab host boot moves from one arm's modules to another's
+# (lab.session): destroy and boot the guest, or boot a new lab host.
+SWAPS = ("reboot-guest", "reboot-host")
+MAX_QUEUES = 16
 STRATEGIES = ("modules", "full")
 PROVIDERS = ("nested", "local", "ssh")
 DEBIAN_PREFIX = "debian:"
@@ -83,6 +91,9 @@ LENGTH = re.compile(r"[0-9]+[KMG]?")  # iperf3 --length
 ADDRESS = re.compile(r"[A-Za-z0-9_\[][A-Za-z0-9_.:\[\]-]*")
 USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 LIBVIRT_URI = re.compile(r"[a-z][a-z0-9+]*://\S*")
+# A kernel command line word the lab may add: "name" or "name=value", no spaces or quotes.
+CMDLINE_WORD = re.compile(r"[a-z][a-z0-9_.-]*(?:=[A-Za-z0-9_.,:-]*)?")
+CMDLINE_WHAT = 'a kernel parameter like "tun.backpressure_all=1" (no spaces or quotes)'
 
 
 # --------------------------------------------------------------------------
@@ -114,6 +125,10 @@ class KernelRecipe:
     patches: tuple[Path, ...] = ()
     configs: tuple[Path, ...] = ()
     strategy: str = "modules"
+    # Extra lab host kernel command line, e.g. "tun.backpressure_all=1". An entry
+    # "<module>.<param>=<value>" for one of the lab's modules is also given to
+    # insmod when a lab host swaps this recipe's modules in (lab.session).
+    cmdline: tuple[str, ...] = ()
 
     @property
     def debian_version(self) -> str | None:
@@ -153,6 +168,7 @@ class GuestNet:
     backend: str
     txqueuelen: int
     tap: str
+    queues: int = 1  # > 1: a multiqueue tap and <driver queues='N'>; the guest enables N channels
 
 
 @dataclass(frozen=True)
@@ -172,36 +188,32 @@ class GuestSpec:
 class Iperf3Options:
     """iperf3 client options; "" means iperf3's (or the host's) default."""
 
-    streams: int = 1
     congestion: str = ""
     length: str = ""
 
 
 @dataclass(frozen=True)
 class MatrixProfile:
-    """A named variant of a matrix; None = not overridden."""
+    """A named variant of a matrix: the matrix keys it overrides (PROFILE_KEYS), validated."""
 
     name: str
-    kernels: tuple[str, ...] | None = None
-    backends: tuple[str, ...] | None = None
-    txqueuelens: tuple[int, ...] | None = None
-    rtts_ms: tuple[float, ...] | None = None
-    rtt_txqueuelen: int | None = None
-    repeats: int | None = None
-    duration_s: int | None = None
+    values: Mapping[str, Any] = field(default_factory=dict)
 
     def overrides(self) -> dict[str, Any]:
         """The keys this profile sets, ready for dataclasses.replace."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name != "name" and getattr(self, f.name) is not None
-        }
+        return dict(self.values)
 
 
 @dataclass(frozen=True)
 class MatrixSpec:
-    """A measurement matrix: which kernels, backends, queue lengths and RTTs."""
+    """A measurement matrix: which kernels (arms), backends, queue lengths, RTTs, flows, qdiscs and queues.
+
+    Cells are kernels x backends x queues x qdiscs x streams x (txqueuelens at
+    RTT 0, plus rtts_ms at rtt_txqueuelen) x repeats, plus pktgen cells for
+    each entry of pktgen_threads (lab.measure.cells.expand). `order`/`seed`
+    decide how arms sharing a lab host boot interleave; `warmup_s` is a
+    discarded iperf3 run after every guest boot or module swap.
+    """
 
     name: str
     host: str
@@ -216,6 +228,18 @@ class MatrixSpec:
     netem_limit: int
     netem_split: bool
     iperf3: Iperf3Options
+    streams: tuple[int, ...] = (1,)
+    qdiscs: tuple[str, ...] = ("default",)
+    queues: tuple[int, ...] = (1,)
+    pktgen_threads: tuple[int, ...] = ()
+    pktgen_count: int = 200_000
+    pktgen_size: int = 64
+    order: str = "abba"
+    seed: int = 1
+    warmup_s: float = 2.0
+    retries: int = 2
+    max_host_crashes: int = 3
+    swap: str = "reboot-guest"
     profiles: dict[str, MatrixProfile] = field(default_factory=dict)
     profile: str | None = None  # which profile was applied by with_profile, if any
 
@@ -258,6 +282,10 @@ class Expectations:
     nodrop_retrans_max_fraction: float = _ratio(0.001)
     delay_min_ratio: float = _ratio(0.90)
     vhost_min_gbps: float = _positive(10.0)
+    # Comparisons (lab.verdicts.stats): "same" when the ratio's CI lies within
+    # 1 +- same_tolerance; CIs at `confidence`.
+    same_tolerance: float = _ratio(0.10)
+    confidence: float = _ratio(0.95)
 
 
 @dataclass(frozen=True)
@@ -399,13 +427,16 @@ def _existing(ctx: _Context, path: str, value: Any, *, kind: str) -> Path:
 TOP_KEYS = ("lab", "timeouts", "kernels", "images", "hosts", "guests", "matrices", "expectations")
 LAB_KEYS = ("name", "workdir")
 TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(Timeouts))
-KERNEL_KEYS = ("source", "patches", "configs", "strategy")
+KERNEL_KEYS = ("source", "patches", "configs", "strategy", "cmdline")
 IMAGE_KEYS = ("recipe",)
 HOST_KEYS = ("provider", "kernel", "vcpus", "memory_mib", "ssh_port", "uri", "address", "user")
 GUEST_KEYS = ("host", "image", "vcpus", "memory_mib", "net")
-NET_KEYS = ("backend", "txqueuelen", "tap")
-PROFILE_KEYS = ("kernels", "backends", "txqueuelens", "rtts_ms", "rtt_txqueuelen", "repeats", "duration_s")
-MATRIX_KEYS = ("host", "guest", *PROFILE_KEYS, "netem_limit", "netem_split", "iperf3", "profiles")
+NET_KEYS = ("backend", "txqueuelen", "tap", "queues")
+PROFILE_KEYS = (
+    "kernels", "backends", "txqueuelens", "rtts_ms", "rtt_txqueuelen", "repeats", "duration_s",
+    "streams", "qdiscs", "queues", "pktgen_threads", "pktgen_count", "pktgen_size", "order", "seed", "warmup_s", "swap",
+)  # fmt: skip
+MATRIX_KEYS = ("host", "guest", *PROFILE_KEYS, "netem_limit", "netem_split", "iperf3", "retries", "max_host_crashes", "profiles")
 IPERF3_KEYS = tuple(f.name for f in dataclasses.fields(Iperf3Options))
 EXPECTATION_KEYS = tuple(f.name for f in dataclasses.fields(Expectations))
 
@@ -414,7 +445,7 @@ DEFAULT_WORKDIR = "~/.cache/vhost-lab"
 # tuples here and become lists (as TOML gives them) where they are read.
 HOST_DEFAULTS: Mapping[str, Any] = MappingProxyType({"vcpus": 2, "memory_mib": 4096, "ssh_port": 0, "user": "root"})
 GUEST_DEFAULTS: Mapping[str, Any] = MappingProxyType({"vcpus": 1, "memory_mib": 1024})
-NET_DEFAULTS: Mapping[str, Any] = MappingProxyType({"backend": "vhost", "txqueuelen": 1000})
+NET_DEFAULTS: Mapping[str, Any] = MappingProxyType({"backend": "vhost", "txqueuelen": 1000, "queues": 1})
 MATRIX_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {
         "backends": BACKENDS,
@@ -425,6 +456,18 @@ MATRIX_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "duration_s": 10,
         "netem_limit": 100_000,
         "netem_split": False,
+        "streams": (1,),
+        "qdiscs": ("default",),
+        "queues": (1,),
+        "pktgen_threads": (),
+        "pktgen_count": 200_000,
+        "pktgen_size": 64,
+        "order": "abba",
+        "seed": 1,
+        "warmup_s": 2.0,
+        "swap": "reboot-guest",
+        "retries": 2,
+        "max_host_crashes": 3,
     }
 )
 
@@ -533,7 +576,9 @@ def _kernel(ctx: _Context, name: str, t: Table) -> KernelRecipe:
             f'and needs a "debian:<version>" source), got "modules" with source {q(src)}',
             f'set {t.at("strategy")} = "full" or {src_path} = "debian:<version>"',
         )
-    return KernelRecipe(name=name, source=source, patches=patches, configs=configs, strategy=strategy)
+    cmdline = list_of(t.at("cmdline"), t.get("cmdline", []), lambda p, v: pattern(p, v, CMDLINE_WORD, CMDLINE_WHAT),
+                      what="kernel command line words")
+    return KernelRecipe(name=name, source=source, patches=patches, configs=configs, strategy=strategy, cmdline=cmdline)
 
 
 def _image(ctx: _Context, name: str, t: Table) -> ImageRef:
@@ -643,6 +688,7 @@ def _guest(
     n = section(t, "net", NET_KEYS, required=False)
     backend = choice(n.at("backend"), n.get("backend", NET_DEFAULTS["backend"]), BACKENDS)
     txqueuelen = integer(n.at("txqueuelen"), n.get("txqueuelen", NET_DEFAULTS["txqueuelen"]), 1, MAX_U32)
+    queues = integer(n.at("queues"), n.get("queues", NET_DEFAULTS["queues"]), 1, MAX_QUEUES)
     tap_what = f"an interface name of at most {IFNAME_MAX_BYTES} bytes matching {TAP_NAME.pattern}"
     if n.has("tap"):
         tap = pattern(n.at("tap"), n.data["tap"], TAP_NAME, tap_what)
@@ -670,7 +716,7 @@ def _guest(
         image=image,
         vcpus=vcpus,
         memory_mib=memory,
-        net=GuestNet(backend=backend, txqueuelen=txqueuelen, tap=tap),
+        net=GuestNet(backend=backend, txqueuelen=txqueuelen, tap=tap, queues=queues),
         index=index,
     )
 
@@ -706,11 +752,33 @@ def _matrix_value(key: str, path: str, value: Any, kernels: Collection[str]) -> 
         return integer(path, value, 1, MAX_REPEATS)
     if key == "duration_s":
         return integer(path, value, 1, MAX_DURATION_S, " (seconds)")
+    if key == "streams":
+        return list_of(path, value, lambda p, v: integer(p, v, 1, MAX_STREAMS), what=f"integers from 1 to {MAX_STREAMS}",
+                       non_empty=True)
+    if key == "qdiscs":
+        return list_of(path, value, lambda p, v: choice(p, v, QDISCS), what="qdisc names", non_empty=True)
+    if key == "queues":
+        return list_of(path, value, lambda p, v: integer(p, v, 1, MAX_QUEUES), what=f"integers from 1 to {MAX_QUEUES}",
+                       non_empty=True)
+    if key == "pktgen_threads":
+        return list_of(path, value, lambda p, v: integer(p, v, 1, MAX_VCPUS), what="pktgen thread counts")
+    if key == "pktgen_count":
+        return integer(path, value, 1, 10**9, " (packets per thread)")
+    if key == "pktgen_size":
+        return integer(path, value, 60, 9000, " (bytes)")
+    if key == "order":
+        return choice(path, value, ORDERS)
+    if key == "seed":
+        return integer(path, value, 0, MAX_U32)
+    if key == "warmup_s":
+        return number(path, value, lo=0.0, hi=600.0)
+    if key == "swap":
+        return choice(path, value, SWAPS)
     raise AssertionError(f"not a profile key: {key}")  # PROFILE_KEYS and this function disagree
 
 
-def _check_has_cells(path: str, txqueuelens: Sequence[int], rtts_ms: Sequence[float]) -> None:
-    if not txqueuelens and not rtts_ms:
+def _check_has_cells(path: str, values: Mapping[str, Any]) -> None:
+    if not values["txqueuelens"] and not values["rtts_ms"]:
         raise ConfigError(path, "expected txqueuelens or rtts_ms to be non-empty, got both empty (no cells to run)")
 
 
@@ -731,15 +799,16 @@ def _matrix(
             key, list(default) if isinstance(default, tuple) else default, expected="a non-empty array of kernel names"
         )
         values[key] = _matrix_value(key, t.at(key), raw, kernels)
-    _check_has_cells(t.at("txqueuelens"), values["txqueuelens"], values["rtts_ms"])
+    _check_has_cells(t.at("txqueuelens"), values)
     netem_limit = integer(
         t.at("netem_limit"), t.get("netem_limit", MATRIX_DEFAULTS["netem_limit"]), 1, MAX_U32, " (packets)"
     )
     netem_split = boolean(t.at("netem_split"), t.get("netem_split", MATRIX_DEFAULTS["netem_split"]))
+    retries = integer(t.at("retries"), t.get("retries", MATRIX_DEFAULTS["retries"]), 0, 10)
+    max_host_crashes = integer(t.at("max_host_crashes"), t.get("max_host_crashes", MATRIX_DEFAULTS["max_host_crashes"]), 0, 100)
 
     i = section(t, "iperf3", IPERF3_KEYS, required=False)
     defaults = Iperf3Options()
-    streams = integer(i.at("streams"), i.get("streams", defaults.streams), 1, MAX_STREAMS)
     congestion = string(i.at("congestion"), i.get("congestion", defaults.congestion))
     if congestion and not CONGESTION.fullmatch(congestion):
         raise ConfigError(
@@ -756,9 +825,8 @@ def _matrix(
     for pname, pvalue in named_tables(t, "profiles", OBJECT_NAME, "profile", required=False):
         p = table(join(t.at("profiles"), pname), pvalue, PROFILE_KEYS)
         overrides = {key: _matrix_value(key, p.at(key), p.data[key], kernels) for key in PROFILE_KEYS if p.has(key)}
-        merged = {**values, **overrides}
-        _check_has_cells(p.path, merged["txqueuelens"], merged["rtts_ms"])
-        profiles[pname] = MatrixProfile(name=pname, **overrides)
+        _check_has_cells(p.path, {**values, **overrides})
+        profiles[pname] = MatrixProfile(name=pname, values=MappingProxyType(overrides))
 
     return MatrixSpec(
         name=name,
@@ -767,7 +835,9 @@ def _matrix(
         **values,
         netem_limit=netem_limit,
         netem_split=netem_split,
-        iperf3=Iperf3Options(streams=streams, congestion=congestion, length=length),
+        iperf3=Iperf3Options(congestion=congestion, length=length),
+        retries=retries,
+        max_host_crashes=max_host_crashes,
         profiles=profiles,
     )
 

@@ -83,7 +83,7 @@ def run_checks(config: str | None = None) -> list[Check]:
     out.append(Check("/dev/net/tun", "ok" if Path("/dev/net/tun").exists() else "fail", "taps",
                      None if Path("/dev/net/tun").exists() else "modprobe tun"))
     from lab.hosts.host import outer_accel
-    from lab.hosts.probe import probe_kernel
+    from lab.onhost.probe import probe_kernel
 
     facts = probe_kernel()
     accel = outer_accel()

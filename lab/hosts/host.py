@@ -24,8 +24,8 @@ from lab.errors import HostGone, LabError, MissingPiece
 from lab.hosts.remote import ABORT_GRACE_S, CommandResult, SshEndpoint, SshRunner, quote_argv, ssh_escape
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# What a host runs for the lab's verbs (python -m ...); see lab/measure/agent.py.
-AGENT_MODULE = "lab.measure.agent"
+# What a host runs for the lab's verbs (python -m ...); see lab/onhost/agent.py.
+AGENT_MODULE = "lab.onhost.agent"
 DATA = Path(__file__).resolve().parents[1] / "data"
 LABHOST_INITRAMFS = DATA / "labhost-initramfs.sh"
 LABHOST_INIT = DATA / "labhost-init.sh"
@@ -162,7 +162,7 @@ class Host:
     def agent(self, args: list[str], timeout: float | None = None) -> dict:
         """Run one lab agent verb on the host and return its JSON reply.
 
-        Calls go to one long-lived `python -m lab.measure.agent serve` per host (a
+        Calls go to one long-lived `python -m lab.onhost.agent serve` per host (a
         Python start on a TCG lab host costs seconds); a session that died
         or timed out is replaced on the next call.
         """
@@ -199,7 +199,7 @@ class Host:
         return self.run(["true"], timeout=30, check=False).rc == 0
 
     def _open_agent(self) -> AgentSession:
-        """Start `python -m lab.measure.agent serve` on the host."""
+        """Start `python -m lab.onhost.agent serve` on the host."""
         raise NotImplementedError
 
     def _close_agent(self) -> None:
@@ -391,7 +391,7 @@ class NestedHost(_OverSsh):
 
 
 class AgentSession:
-    """One `lab.measure.agent serve` process on a host: JSON argv lines in, JSON replies out."""
+    """One `lab.onhost.agent serve` process on a host: JSON argv lines in, JSON replies out."""
 
     def __init__(self, send, readline, set_timeout, closer, alive) -> None:
         self._send, self._readline, self._set_timeout, self._closer, self._alive = send, readline, set_timeout, closer, alive

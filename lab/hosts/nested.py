@@ -47,7 +47,7 @@ class KernelBoot:
 def artifact_build_ids(modules_dir: Path) -> dict[str, str]:
     """GNU build-ids of the lab's modules in an artifact, to compare with what a host loaded."""
     from lab.artifacts.kernel import LAB_MODULES
-    from lab.hosts.probe import module_file_build_id
+    from lab.onhost.probe import module_file_build_id
 
     out: dict[str, str] = {}
     try:

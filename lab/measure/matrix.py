@@ -41,7 +41,7 @@ from lab.errors import HostGone, LabError
 from lab.events import Progress, Step, quiet
 from lab.hosts import nested
 from lab.measure.cells import Cell, expand
-from lab.measure.traffic import iperf3_server_argv
+from lab.onhost.traffic import iperf3_server_argv
 from lab.verdicts import expect
 from lab.verdicts.results import (
     STABLE_KEYS,
@@ -434,7 +434,7 @@ class MatrixRunner:
         to = cfg.timeouts.command
 
         def agent(args: list[str], timeout: float) -> dict[str, Any]:
-            commands.append([*host.python(), "-m", "lab.measure.agent", *args])
+            commands.append([*host.python(), "-m", "lab.onhost.agent", *args])
             return host.agent(args, timeout=timeout)
 
         tap_delay, guest_delay = netem_delays(cell.rtt_ms, self.spec.netem_split)

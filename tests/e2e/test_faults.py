@@ -476,7 +476,7 @@ def test_lab_host_dies_while_connected(vhr_host, lab_files, workdir):
 def test_tap_cleanup_by_prefix_touches_only_its_own_lab(e2e_ready):
     """Taps of labs vhr, vhs and vhr2 (a lab whose name starts like vhr's) in one
     namespace: listing and cleaning up vhr's (as lab down does, by "<lab>-") leaves the others."""
-    from lab.measure import net
+    from lab.onhost import net
 
     ns = f"{LAB}-iso-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
@@ -492,7 +492,7 @@ def test_tap_cleanup_by_prefix_touches_only_its_own_lab(e2e_ready):
         env = dict(os.environ, PYTHONPATH=str(REPO))
 
         def agent(*args: str) -> dict:
-            p = subprocess.run([sys.executable, "-m", "lab.measure.agent", "--netns", ns, *args], capture_output=True, text=True,
+            p = subprocess.run([sys.executable, "-m", "lab.onhost.agent", "--netns", ns, *args], capture_output=True, text=True,
                                timeout=60, env=env)
             return json.loads(p.stdout)
 

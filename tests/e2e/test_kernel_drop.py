@@ -1,6 +1,6 @@
 """Proof at the kernel level: a full tap ring drops on stock, holds back on nodrop.
 
-No guest: on a lab host booted on each kernel recipe, `lab.measure.droptest` pushes
+No guest: on a lab host booted on each kernel recipe, `lab.onhost.droptest` pushes
 numbered UDP datagrams out of a tap faster than a reader drains the tap's fd
 and counts what went missing.
 """
@@ -35,7 +35,7 @@ def _droptest(ctx, kernel: str, txqueuelen: int) -> dict:
     assert probe.kernel_recipe == kernel
     assert probe.modules_match is True, f"{kernel}: loaded tun/tap/vhost modules are not the ones built: {probe.modules}"
     assert probe.nodrop is (kernel == "nodrop")
-    res = host.run(host.python() + ["-m", "lab.measure.droptest", "--txqueuelen", str(txqueuelen), "--frames", "5000", "--json"], timeout=300)
+    res = host.run(host.python() + ["-m", "lab.onhost.droptest", "--txqueuelen", str(txqueuelen), "--frames", "5000", "--json"], timeout=300)
     out = json.loads(res.stdout.strip().splitlines()[-1])
     print(f"\n{kernel} txqueuelen {txqueuelen}: sent {out['sent']} received {out['received']} gaps {out['gaps']} "
           f"tap tx_dropped {out['tap_tx_dropped']} qdisc drops {out['qdisc_drops']} requeues {out['qdisc_requeues']} "

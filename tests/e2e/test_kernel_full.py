@@ -25,7 +25,7 @@ def test_full_nodrop_kernel_boots_and_holds_back(tmp_path, e2e_ready):
         probe = host.probe()
         assert probe.kernel_recipe == "nodrop-full"
         assert probe.nodrop is True
-        res = host.run(host.python() + ["-m", "lab.measure.droptest", "--txqueuelen", "1", "--frames", "5000", "--json"], timeout=300)
+        res = host.run(host.python() + ["-m", "lab.onhost.droptest", "--txqueuelen", "1", "--frames", "5000", "--json"], timeout=300)
         out = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"\nnodrop-full txqueuelen 1: {out}")
         assert out["gaps"] == 0 and out["tap_tx_dropped"] == 0 and out["stall"] is False, out

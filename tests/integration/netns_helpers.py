@@ -1,6 +1,6 @@
 """Network namespaces for integration tests: made here, always removed, nothing outside touched.
 
-Setup uses the iproute2 CLI, not lab.measure.net, so the code under test is checked
+Setup uses the iproute2 CLI, not lab.onhost.net, so the code under test is checked
 against an independent tool. Every namespace name is unique per test run;
 every process a test starts inside one is killed (by pid) before the
 namespace is deleted. Addresses are 10.x inside the namespaces only.
@@ -129,7 +129,7 @@ def wait_listening(netns: str, port: int, timeout: float = 10) -> None:
 @contextmanager
 def iperf3_server(netns: str, bind: str, port: int = 5201) -> Iterator[subprocess.Popen[bytes]]:
     """A one-off iperf3 server inside netns, stopped (by pid) on exit."""
-    from lab.measure.traffic import iperf3_server_argv
+    from lab.onhost.traffic import iperf3_server_argv
 
     proc = subprocess.Popen(
         in_ns(netns, *iperf3_server_argv(port, bind=bind, one_off=True)),

@@ -1,4 +1,4 @@
-"""`python -m lab.measure.agent` as a subprocess inside test namespaces: one JSON object, exit 0/1."""
+"""`python -m lab.onhost.agent` as a subprocess inside test namespaces: one JSON object, exit 0/1."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration, needs_root]
 
 def agent(*args: str, ns: str | None = None, timeout: float = 60) -> tuple[int, dict]:
     """Run the agent (inside `ns` via ip netns exec when given); return (rc, the one JSON object)."""
-    argv = [sys.executable, "-m", "lab.measure.agent", *args]
+    argv = [sys.executable, "-m", "lab.onhost.agent", *args]
     if ns is not None:
         argv = in_ns(ns, *argv)
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -1,4 +1,4 @@
-"""lab.measure.droptest on this machine's own (stock) tun: a 1-slot ring tail-drops.
+"""lab.onhost.droptest on this machine's own (stock) tun: a 1-slot ring tail-drops.
 
 Real tap, real namespace, real counters: no mocks. On a kernel carrying the
 nodrop patch these expectations flip (gaps == 0), so the test states which
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.measure.droptest import DropTestOptions, run_droptest
+from lab.onhost.droptest import DropTestOptions, run_droptest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,7 +56,7 @@ def test_stock_tun_with_one_slot_ring_drops(stock_only: None) -> None:
 
 def test_cli_prints_json_and_cleans_up(stock_only: None) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "lab.measure.droptest", "--tap", "vhldti1", "--txqueuelen", "1", "--frames", "5000", "--json"],
+        [sys.executable, "-m", "lab.onhost.droptest", "--tap", "vhldti1", "--txqueuelen", "1", "--frames", "5000", "--json"],
         check=False,
         cwd=ROOT,
         capture_output=True,

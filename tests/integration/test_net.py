@@ -1,4 +1,4 @@
-"""lab.measure.net against the real kernel, inside network namespaces the tests create."""
+"""lab.onhost.net against the real kernel, inside network namespaces the tests create."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from netns_helpers import (
     tap_reader_holder,
 )
 
-from lab.measure import net
+from lab.onhost import net
 from lab.errors import MissingPiece
 
 pytestmark = [pytest.mark.integration, needs_root]

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netns_helpers import ip, iperf3_server, needs_iperf3, needs_root, ns_pids, veth_link
 
-from lab.measure import traffic
+from lab.onhost import traffic
 
 pytestmark = [pytest.mark.integration, needs_root, needs_iperf3]
 

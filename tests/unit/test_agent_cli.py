@@ -1,4 +1,4 @@
-"""lab.measure.agent's contract without touching devices: one JSON object, exit 0/1."""
+"""lab.onhost.agent's contract without touching devices: one JSON object, exit 0/1."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lab.measure import agent
+from lab.onhost import agent
 
 
 def run_agent(capsys, *argv: str) -> tuple[int, dict]:

@@ -1,4 +1,4 @@
-"""`python -m lab.measure.agent serve`: one JSON argv per line in, one JSON reply per line out.
+"""`python -m lab.onhost.agent serve`: one JSON argv per line in, one JSON reply per line out.
 
 In-process with StringIO, then as a real subprocess through hosts.AgentSession
 and hosts.LocalHost (the path every lab host call takes).
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from lab.measure import agent
+from lab.onhost import agent
 from lab.errors import CommandFailed, LabError
 from lab.hosts.host import REPO_ROOT, AgentSession, LocalHost
 
 REPO = Path(__file__).resolve().parents[2]
-AGENT_ARGV = ["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "lab.measure.agent", "serve"]
+AGENT_ARGV = ["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "lab.onhost.agent", "serve"]
 
 
 def serve_lines(*lines: str) -> list[dict]:
@@ -132,7 +132,7 @@ def test_run_verb_probe() -> None:
 
 
 # --------------------------------------------------------------------------
-# A real `python -m lab.measure.agent serve` process
+# A real `python -m lab.onhost.agent serve` process
 # --------------------------------------------------------------------------
 
 
@@ -149,7 +149,7 @@ def test_agent_session_local_calls_and_close() -> None:
     session = AgentSession.local(AGENT_ARGV)
     try:
         assert session.alive()
-        pids = _children_running("lab.measure.agent serve")
+        pids = _children_running("lab.onhost.agent serve")
         assert len(pids) == 1
         first = session.call(["probe"], timeout=60)
         assert first["release"] == platform.release()
@@ -162,7 +162,7 @@ def test_agent_session_local_calls_and_close() -> None:
         session.close()
     assert not session.alive()
     assert _gone(pids), "the agent process is gone and reaped"
-    assert _children_running("lab.measure.agent serve") == []
+    assert _children_running("lab.onhost.agent serve") == []
     session.close()  # idempotent
 
 
@@ -204,17 +204,17 @@ def test_local_host_agent_probe_reuses_one_session() -> None:
     try:
         data = host.agent(["probe"])
         assert data["release"] == platform.release()
-        pids = _children_running("lab.measure.agent serve")
+        pids = _children_running("lab.onhost.agent serve")
         assert len(pids) == 1
         assert host.agent(["tcp-counters"])["out_segs"] >= 0
-        assert _children_running("lab.measure.agent serve") == pids, "the same agent answered both calls"
+        assert _children_running("lab.onhost.agent serve") == pids, "the same agent answered both calls"
         p = host.probe()
         assert (p.name, p.provider, p.release) == ("local", "local", platform.release())
         assert p.tun == Path("/dev/net/tun").exists()
         with pytest.raises(LabError) as ei:
             host.agent(["frobnicate"])
         assert ei.value.message.startswith("local: lab agent frobnicate: ")
-        assert _children_running("lab.measure.agent serve") == pids, "an error reply does not cost the session"
+        assert _children_running("lab.onhost.agent serve") == pids, "an error reply does not cost the session"
     finally:
         host.close()
     assert _gone(pids)

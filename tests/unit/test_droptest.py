@@ -1,4 +1,4 @@
-"""lab.measure.droptest's pure parts: frame parsing, sequence accounting, iproute2 JSON."""
+"""lab.onhost.droptest's pure parts: frame parsing, sequence accounting, iproute2 JSON."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from lab.measure.droptest import (
+from lab.onhost.droptest import (
     MAGIC,
     LinkStats,
     QdiscStats,

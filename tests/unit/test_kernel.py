@@ -35,7 +35,7 @@ from lab.artifacts.kernel import (
 )
 from lab.config import KernelRecipe
 from lab.hosts.nested import KernelBoot, artifact_build_ids
-from lab.hosts.probe import module_file_build_id
+from lab.onhost.probe import module_file_build_id
 
 DEBIAN_VERSION = "6.12.117-1~deb12u1"
 DEBIAN_RELEASE = "6.12.117+deb12-amd64"

@@ -147,14 +147,14 @@ def test_stream_args_bound_iperf3_and_the_call(tmp_path):
     assert args[args.index("--timeout") + 1] == "15"
     assert M.stream_call_timeout(c, 60) == 10 + 60 + M.AGENT_SLACK_S
     # the agent's parser accepts exactly these arguments
-    from lab.measure.agent import build_parser
+    from lab.onhost.agent import build_parser
 
     ns = build_parser().parse_args(args)
     assert (ns.verb, ns.duration, ns.streams, ns.timeout, ns.sample_dev) == ("stream", 10, 4, 15.0, "t0")
 
 
 def stream_reply(**fields: Any) -> dict[str, Any]:
-    """A reply shaped like lab.measure.agent's stream verb."""
+    """A reply shaped like lab.onhost.agent's stream verb."""
     f = {
         "throughput_mbps": 512.5, "retransmits": 3, "host_retrans_segs": 4, "tcp_out_segs": 40000,
         "tap_tx_dropped": 0, "tap_tx_packets": 39000, "qdisc_drops": 0, "qdisc_requeues": 12,
@@ -175,7 +175,7 @@ FACTS = {"kernel_recipe": "nodrop", "kernel_release": "6.12.117+deb12-amd64", "a
 
 def test_cell_result_from_stream_takes_fields_and_identity():
     c = cell(kernel="nodrop", backend="vhost", txqueuelen=1, rtt_ms=0.0)
-    pre = [["python3", "-m", "lab.measure.agent", "txqueuelen", "--name", "t", "--value", "1"]]
+    pre = [["python3", "-m", "lab.onhost.agent", "txqueuelen", "--name", "t", "--value", "1"]]
     r = M.cell_result_from_stream(c, stream_reply(), host_facts=FACTS, started_at="a", finished_at="b", commands=pre)
     assert r.ok and r.error is None
     assert (r.cell, r.kernel, r.backend, r.txqueuelen, r.rtt_ms, r.repeat) == (c.id, "nodrop", "vhost", 1, 0.0, 1)
@@ -302,7 +302,7 @@ class FakeHost:
     def python(self):
         return ["python3"]
 
-    def agent(self, args, timeout=None, module="lab.measure.agent"):
+    def agent(self, args, timeout=None, module="lab.onhost.agent"):
         self.lab.agent_calls.append((self.kernel, list(args), timeout))
         handler = self.lab.on_agent
         if handler is not None:
@@ -448,7 +448,7 @@ def test_smoke_plan_boots_two_hosts_four_guests_and_records_everything(lab, tmp_
     data = r.store.load()
     assert [x.cell for x in data.results] == [c.id for c in r.plan()]
     first = data.results[0]
-    assert first.commands[0] == ["python3", "-m", "lab.measure.agent", "txqueuelen", "--name", "vhl-guest1", "--value", "1000"]
+    assert first.commands[0] == ["python3", "-m", "lab.onhost.agent", "txqueuelen", "--name", "vhl-guest1", "--value", "1000"]
     assert first.commands[-1][0] == "iperf3"
     assert (first.accel, first.host_accel, first.kernel_release) == ("kvm", "tcg", "6.12.117-stock")
     assert set(data.meta.hosts) == {"lab1/stock", "lab1/nodrop"}
@@ -493,7 +493,7 @@ def test_a_failed_cell_is_recorded_and_the_iperf3_server_restarted(lab, tmp_path
     def fail_once(host, args):
         if args[0] == "stream" and not getattr(fail_once, "done", False):
             fail_once.done = True
-            raise LabError("lab1: lab.measure.agent stream: iperf3 to 10.99.1.2:5201 did not finish within 65 s; killed")
+            raise LabError("lab1: lab.onhost.agent stream: iperf3 to 10.99.1.2:5201 did not finish within 65 s; killed")
         return None
 
     lab.on_agent = fail_once
@@ -502,7 +502,7 @@ def test_a_failed_cell_is_recorded_and_the_iperf3_server_restarted(lab, tmp_path
     assert bad.throughput_mbps is None
     log = Path(bad.console_log)
     assert log == r.store.logs_dir / f"{cells[0].id}.console.log" and "LAB-GUEST-READY" in log.read_text()
-    assert bad.commands[-1][:4] == ["python3", "-m", "lab.measure.agent", "stream"]
+    assert bad.commands[-1][:4] == ["python3", "-m", "lab.onhost.agent", "stream"]
     assert lab.guest_cmds == [["true"], ["pkill", "-x", "iperf3"], ["iperf3", "-s", "-p", "5201", "-D"]]
     good = r.run_cell(cells[1])
     assert good.ok and len(lab.guest_boots) == 1  # same guest, no reboot
@@ -518,7 +518,7 @@ def test_a_guest_that_stops_answering_is_destroyed_and_rebooted(lab, tmp_path):
 
     def hang(host, args):
         if args[0] == "stream":
-            raise LabError("lab1: lab.measure.agent stream: timed out after 95s")
+            raise LabError("lab1: lab.onhost.agent stream: timed out after 95s")
         return None
 
     lab.on_agent = hang
@@ -560,7 +560,7 @@ def test_a_host_whose_domain_vanished_is_gone_even_without_hostgone(lab, tmp_pat
     def crash(host, args):
         if args[0] == "stream":
             lab.host_dead = True  # nested.find_host now returns None
-            raise LabError("lab1: lab.measure.agent stream: exit 1")
+            raise LabError("lab1: lab.onhost.agent stream: exit 1")
         return None
 
     lab.on_agent = crash

@@ -1,4 +1,4 @@
-"""lab.measure.net without touching any device: validation, netem encoding, counter arithmetic."""
+"""lab.onhost.net without touching any device: validation, netem encoding, counter arithmetic."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lab.measure import net
-from lab.measure.net import DeviceCounters, NetemDelay, QdiscCounters, TapCounters, TapDevice
+from lab.onhost import net
+from lab.onhost.net import DeviceCounters, NetemDelay, QdiscCounters, TapCounters, TapDevice
 
 
 @pytest.mark.parametrize("name", ["", "-x", "a;b", "a b", "a/b", "x" * 16, "tap\n0", "ümlaut", None, 3])

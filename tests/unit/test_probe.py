@@ -1,4 +1,4 @@
-"""lab.hosts.probe: GNU build-ids from note blobs and module files, and this machine's kernel facts."""
+"""lab.onhost.probe: GNU build-ids from note blobs and module files, and this machine's kernel facts."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.hosts import probe
+from lab.onhost import probe
 from lab.hosts.nested import artifact_build_ids
-from lab.hosts.probe import LAB_MODULES, KernelFacts, build_id_from_notes, module_file_build_id, probe_kernel
+from lab.onhost.probe import LAB_MODULES, KernelFacts, build_id_from_notes, module_file_build_id, probe_kernel
 
 REPO = Path(__file__).resolve().parents[2]
 RELEASE = "6.12.117+deb12-amd64"
@@ -216,7 +216,7 @@ def test_probe_kernel_is_json() -> None:
 
 def test_probe_main_prints_one_json_object() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "lab.hosts.probe"], capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "lab.onhost.probe"], capture_output=True, text=True, timeout=60,
         env={**os.environ, "PYTHONPATH": str(REPO)}, cwd="/",
     )
     assert proc.returncode == 0, proc.stderr

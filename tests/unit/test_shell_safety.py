@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from lab.measure import agent, traffic
+from lab.onhost import agent, traffic
 from lab.config import ConfigError, loads_config
 from lab.hosts.domains import GuestDomain, LabHostDomain, SharedDir, guest_xml, labhost_xml
 from lab.errors import LabError
@@ -405,11 +405,11 @@ def test_agent_tap_verbs_refuse_or_deliver(name, prefix):
 
 
 TRAILING_NL = [
-    ("lab.measure.net.validate_ifname", lambda v: __import__("lab.measure.net").measure.net.validate_ifname(v), "tap0\n"),
-    ("lab.measure.net.validate_netns", lambda v: __import__("lab.measure.net").measure.net.validate_netns(v), "ns\n"),
-    ("lab.measure.traffic Iperf3Run.congestion", lambda v: traffic.Iperf3Run(server="10.0.0.1", congestion=v), "cubic\n"),
-    ("lab.measure.traffic Iperf3Run.length", lambda v: traffic.Iperf3Run(server="10.0.0.1", length=v), "128K\n"),
-    ("lab.measure.traffic Iperf3Run.server", lambda v: traffic.Iperf3Run(server=v), "host\n"),
+    ("lab.onhost.net.validate_ifname", lambda v: __import__("lab.onhost.net").onhost.net.validate_ifname(v), "tap0\n"),
+    ("lab.onhost.net.validate_netns", lambda v: __import__("lab.onhost.net").onhost.net.validate_netns(v), "ns\n"),
+    ("lab.onhost.traffic Iperf3Run.congestion", lambda v: traffic.Iperf3Run(server="10.0.0.1", congestion=v), "cubic\n"),
+    ("lab.onhost.traffic Iperf3Run.length", lambda v: traffic.Iperf3Run(server="10.0.0.1", length=v), "128K\n"),
+    ("lab.onhost.traffic Iperf3Run.server", lambda v: traffic.Iperf3Run(server=v), "host\n"),
     ("lab.hosts.sshkeys.key_dir", lambda v: __import__("lab.hosts.sshkeys").hosts.sshkeys.key_dir(Path("/w"), v), "vhr\n"),
 ]
 

@@ -1,4 +1,4 @@
-"""lab.measure.traffic: iperf3 -J parsing, argv builders, nstat and /proc/net/snmp parsing."""
+"""lab.onhost.traffic: iperf3 -J parsing, argv builders, nstat and /proc/net/snmp parsing."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lab.measure import traffic
-from lab.measure.traffic import Iperf3Error, Iperf3Run, iperf3_client_argv, iperf3_server_argv, parse_iperf3
+from lab.onhost import traffic
+from lab.onhost.traffic import Iperf3Error, Iperf3Run, iperf3_client_argv, iperf3_server_argv, parse_iperf3
 
 needs_iperf3 = pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed")
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from lab import proc
 from lab.errors import LabError
-from lab.measure.net import IFNAME_RE, validate_netns
+from lab.onhost.net import IFNAME_RE, validate_netns
 
 CONGESTION_RE = re.compile(r"^[a-z0-9_]+$")
 LENGTH_RE = re.compile(r"^[0-9]+[KMG]?$")

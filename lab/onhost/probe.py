@@ -1,6 +1,6 @@
 """What the running kernel offers the lab: runs on the host being probed.
 
-Used by `python -m lab.measure.agent probe` (on lab hosts) and by `lab doctor`.
+Used by `python -m lab.onhost.agent probe` (on lab hosts) and by `lab doctor`.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def probe_kernel() -> KernelFacts:
 
 
 def main() -> int:
-    """`python -m lab.hosts.probe`: this kernel's facts as one JSON object."""
+    """`python -m lab.onhost.probe`: this kernel's facts as one JSON object."""
     import json
 
     print(json.dumps(probe_kernel().to_dict()))

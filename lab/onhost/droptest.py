@@ -2,7 +2,7 @@
 
 Run as root on a lab host (or on this machine):
 
-    python3 -m lab.measure.droptest --tap dt0 --txqueuelen 1 --frames 20000 --json
+    python3 -m lab.onhost.droptest --tap dt0 --txqueuelen 1 --frames 20000 --json
 
 It creates a tap (IFF_TAP | IFF_NO_PI; this process keeps the fd and is its
 reader) inside a network namespace of its own, gives it an address in a
@@ -214,7 +214,7 @@ def parse_ip_link_json(text: str) -> LinkStats:
 
 @dataclass(frozen=True)
 class DropTestOptions:
-    """What to run: see `python3 -m lab.measure.droptest --help`."""
+    """What to run: see `python3 -m lab.onhost.droptest --help`."""
 
     tap: str = "vhldt0"
     txqueuelen: int = 1
@@ -707,9 +707,9 @@ def _qdisc_stats(tap: str) -> QdiscStats:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of `python3 -m lab.measure.droptest`."""
+    """The command line of `python3 -m lab.onhost.droptest`."""
     d = DropTestOptions()
-    p = argparse.ArgumentParser(prog="python3 -m lab.measure.droptest", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python3 -m lab.onhost.droptest", description=__doc__.split("\n\n")[0])
     p.add_argument("--tap", default=d.tap, help=f"tap name (default {d.tap})")
     p.add_argument("--txqueuelen", type=int, default=d.txqueuelen, help="tap txqueuelen = ring slots (default 1)")
     p.add_argument("--frames", type=int, default=d.frames, help=f"datagrams to send (default {d.frames})")

@@ -1,4 +1,4 @@
-"""The lab's hands on a host: `python -m lab.measure.agent VERB [args]`.
+"""The lab's hands on a host: `python -m lab.onhost.agent VERB [args]`.
 
 Runs ON a host (the nested lab host shares this machine's root, so it is the
 same code). Prints exactly one JSON object on stdout and exits 0; on any
@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict
 from typing import Any, NoReturn
 
-from lab.measure import net, traffic
+from lab.onhost import net, traffic
 
 
 class UsageError(Exception):
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The agent's argparse parser (one subcommand per verb)."""
     ifname = _checked(net.validate_ifname, "name")
     devname = _checked(net.validate_ifname, "dev")
-    parser = _Parser(prog="python -m lab.measure.agent", description="The lab's hands on a host: one verb, one JSON object.")
+    parser = _Parser(prog="python -m lab.onhost.agent", description="The lab's hands on a host: one verb, one JSON object.")
     parser.add_argument("--netns", type=_checked(net.validate_netns, "netns"), default=None,
                         help="act inside this network namespace (/run/netns name)")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev", type=devname, required=True)
     p.set_defaults(func=_counters)
 
-    p = verbs.add_parser("probe", help="what this kernel offers the lab (lab.hosts.probe)")
+    p = verbs.add_parser("probe", help="what this kernel offers the lab (lab.onhost.probe)")
     p.set_defaults(func=_probe)
 
     p = verbs.add_parser("tcp-counters", help="Tcp RetransSegs/OutSegs of the namespace")
@@ -151,7 +151,7 @@ def _counters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _probe(args: argparse.Namespace) -> dict[str, Any]:
-    from lab.hosts.probe import probe_kernel
+    from lab.onhost.probe import probe_kernel
 
     return probe_kernel().to_dict()
 
@@ -228,7 +228,7 @@ def run_verb(argv: list[str]) -> tuple[dict[str, Any], int]:
 
 
 def serve(stdin: Any = None, stdout: Any = None) -> int:
-    """`python -m lab.measure.agent serve`: one verb per input line (a JSON argv list), one JSON reply per line.
+    """`python -m lab.onhost.agent serve`: one verb per input line (a JSON argv list), one JSON reply per line.
 
     Under TCG, starting Python and importing pyroute2 on a lab host costs
     seconds; a session keeps one agent per host for all of a run's calls.
