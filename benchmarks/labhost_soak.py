@@ -44,8 +44,8 @@ def first_oops(console: Path) -> str | None:
 def main() -> int:
     from lab.config import load_config
     from lab.guests import boot_guest
-    from lab.lifecycle import LabContext, guest_plan, up_host
     from lab.hosts.nested import destroy_host
+    from lab.session import LabContext, guest_plan, up_host
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--boots", type=int, default=20)
@@ -92,7 +92,7 @@ def main() -> int:
                     )
                     rec["mbps"] = reply["fields"]["throughput_mbps"]
                 stage = "done"
-            except Exception as exc:  # noqa: BLE001 - a crash shows up as any error; the console says which
+            except Exception as exc:
                 rec["error"] = f"{stage}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
             time.sleep(2)  # a panic in progress reaches the console log
             rec["oops"] = first_oops(console)

@@ -10,6 +10,7 @@
 #   lab.ip=ADDR/PREFIX       address for the interface, e.g. 10.99.1.2/24
 #   lab.gw=ADDR              default route via ADDR
 #   lab.iface=NAME           interface to configure (default eth0)
+#   lab.queues=N             enable N combined channels on it (a multiqueue virtio-net NIC)
 #   lab.panic_on_oops=0|1    written to /proc/sys/kernel/panic_on_oops
 #
 # Console markers (one line each, for the lab to wait on):
@@ -88,6 +89,7 @@ trap poweroff_now TERM INT PWR
 IP=
 GW=
 IFACE=eth0
+QUEUES=1
 cmdline=
 read -r cmdline </proc/cmdline
 for arg in $cmdline; do
@@ -96,6 +98,7 @@ for arg in $cmdline; do
         lab.ip=*) IP=${arg#*=} ;;
         lab.gw=*) GW=${arg#*=} ;;
         lab.iface=*) IFACE=${arg#*=} ;;
+        lab.queues=*) QUEUES=${arg#*=} ;;
         lab.panic_on_oops=0|lab.panic_on_oops=1)
             echo "${arg#*=}" >/proc/sys/kernel/panic_on_oops 2>/dev/null ;;
     esac
@@ -132,6 +135,12 @@ if [ -n "$IP" ]; then
     else
         log "$IFACE $IP${GW:+ via $GW}"
     fi
+    # a multiqueue NIC starts with one queue pair in use; the lab asked for N
+    case "$QUEUES" in
+        1 | '' | *[!0-9]*) ;;
+        *) ethtool -L "$IFACE" combined "$QUEUES" && log "$IFACE: $QUEUES combined channels" ||
+            log "warning: cannot enable $QUEUES channels on $IFACE" ;;
+    esac
 else
     log "no lab.ip= on the kernel command line: $IFACE left unconfigured"
 fi

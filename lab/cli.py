@@ -59,7 +59,7 @@ class _Progress:
 
 def _context(args):
     from lab.config import load_config
-    from lab.lifecycle import LabContext
+    from lab.session import LabContext
 
     return LabContext.open(load_config(args.config))
 
@@ -90,20 +90,9 @@ def cmd_up(args) -> int:
     # so it is one line and not a cleanup of the lab.
     preflight(ctx, args.names)
     t0 = time.monotonic()
-    try:
-        with _Progress(console) as progress:
-            guests = up(ctx, args.names, progress)
-    except BaseException:
-        # Ctrl-C or a failure half-way: nothing the lab started may linger.
-        if not args.keep_on_error:
-            from lab.lifecycle import down
-
-            err_console.print("[yellow]lab up failed: cleaning up what it started[/]")
-            try:
-                down(ctx)
-            except Exception as e:  # cleanup must not hide the original error
-                err_console.print(f"[red]cleanup: {e}[/]")
-        raise
+    with _Progress(console) as progress:
+        # on failure up() destroys what it started, and only that
+        guests = up(ctx, args.names, progress, keep_on_error=args.keep_on_error)
     console.print(f"[green]up[/] in {time.monotonic() - t0:.1f}s: " + ", ".join(f"{g.plan.name} ({g.boot_seconds:.0f}s boot)" for g in guests))
     _print_status(console, ctx)
     ctx.close()
@@ -168,7 +157,7 @@ def cmd_shell(args) -> int:
 
 def cmd_console(args) -> int:
     """Print (or follow) a guest's or lab host's serial console log."""
-    from lab.lifecycle import connect_host
+    from lab.session import connect_host
 
     ctx = _context(args)
     cfg = ctx.cfg
@@ -191,7 +180,7 @@ def cmd_console(args) -> int:
 
 def cmd_build(args) -> int:
     """Build (or find cached) kernel artifacts and guest images."""
-    from lab.lifecycle import guest_image, kernel_boot
+    from lab.session import guest_image, kernel_boot
 
     console = _console()
     ctx = _context(args)
@@ -214,37 +203,71 @@ def cmd_build(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """Run a matrix (no pytest): results appended per cell, report, properties."""
-    from lab.measure.matrix import run_matrix
+    """Run a matrix (no pytest): results appended per cell, live progress, report, properties."""
+    from lab.measure.matrix import run_matrix, summary_line
+    from lab.verdicts.report import MatrixProgress, render
 
+    console = _console()
     ctx = _context(args)
-    outcome = run_matrix(ctx, args.matrix, profile=args.profile, resume=args.resume, keep=args.keep, console=_console())
-    return 0 if outcome.all_passed else 1
+    title = args.matrix + (f" ({args.profile})" if args.profile else "") + (" A/A" if args.aa else "")
+    with MatrixProgress(console, title=title) as live:
+
+        def on_start(runner, plan, pending) -> None:
+            pending_ids = {c.id for c in pending}
+            exp = runner.store.read_meta().extra.get("expected", {})
+            console.print(
+                f"run [bold]{runner.store.run_dir.name}[/] ({runner.store.run_dir}): {len(pending)} of {len(plan)} cells to run; "
+                f"planned {exp.get('host_boots', '?')} lab host boot(s), {exp.get('module_swaps', '?')} module swap(s), "
+                f"{exp.get('guest_boots', '?')} guest boot(s)",
+                highlight=False,
+            )
+            live.start(len(plan), [c.id for c in plan], completed=[c.id for c in plan if c.id not in pending_ids])
+
+        outcome = run_matrix(ctx, args.matrix, profile=args.profile, resume=args.resume, keep=args.keep, emit=live,
+                             aa=args.aa, on_start=on_start)
+    render(outcome.run_data, outcome.properties, console, rc=_report_context(ctx.cfg))
+    console.print(summary_line(outcome), highlight=False)
+    if outcome.stopped:
+        console.print(f"[bold red]run stopped early: {outcome.stopped}[/]", highlight=False)
+    if outcome.stopped or any(not r.ok for r in outcome.run_data.latest()):
+        console.print(f"resume with: lab run {args.matrix} --resume {outcome.run_dir.name}", highlight=False)
+    if args.keep:
+        console.print("lab host kept running (--keep): `lab down` removes it", highlight=False)
+    return 0 if outcome.verdict == "PASS" else 1
+
+
+def _report_context(cfg):
+    from lab.verdicts.report import ReportContext
+
+    exp = cfg.expectations
+    return ReportContext(None, exp.same_tolerance, exp.confidence)
 
 
 def cmd_report(args) -> int:
     """Re-render a run from its results file alone."""
     from lab.config import load_config
-    from lab.verdicts.expect import evaluate
-    from lab.verdicts.report import render, to_json, to_markdown, to_svg, to_text
+    from lab.measure.matrix import evaluate_run
+    from lab.verdicts.report import render, to_json, to_markdown, to_plot, to_svg, to_text
     from lab.verdicts.results import load_run
 
     cfg = load_config(args.config)
     data = load_run(cfg.workdir, args.run)
-    exp = cfg.expectations
-    props = evaluate(data.summaries(), exp, data.host_accel())
-    kernels = (exp.stock_kernel, exp.nodrop_kernel)
+    props = evaluate_run(data, cfg)
+    rc = _report_context(cfg)
     compare = load_run(cfg.workdir, args.compare) if args.compare else None
     if args.json:
-        print(json.dumps(to_json(data, props), indent=2, default=str))
+        print(json.dumps(to_json(data, props, rc=rc), indent=2, default=str))
     elif args.format == "text":
-        print(to_text(data, props, compare=compare, kernels=kernels))
+        print(to_text(data, props, compare=compare, rc=rc), end="")
     elif args.format == "md":
-        print(to_markdown(data, props, compare=compare, kernels=kernels))
+        print(to_markdown(data, props, compare=compare, rc=rc), end="")
     else:
-        render(data, props, _console(), compare=compare, kernels=kernels)
+        render(data, props, _console(), compare=compare, rc=rc)
     if args.svg:
-        to_svg(Path(args.svg), data, props, compare=compare, kernels=kernels)
+        to_svg(Path(args.svg), data, props, compare=compare, rc=rc)
+    if args.plot:
+        out = to_plot(Path(args.plot), data, rc=rc)
+        err_console.print(f"plot written to {out}", highlight=False)
     return 0
 
 
@@ -312,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", default=None)
     s.add_argument("--resume", default=None, metavar="RUN")
     s.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    s.add_argument("--aa", action="store_true", help="an A/A control: the baseline kernel against a copy of itself")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("report", help="render a run from its results file")
@@ -319,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("rich", "text", "md"), default="rich")
     s.add_argument("--json", action="store_true")
     s.add_argument("--svg", default=None, metavar="FILE")
-    s.add_argument("--compare", default=None, metavar="OTHER_RUN")
+    s.add_argument("--compare", default=None, metavar="OTHER_RUN", help="another run, compared with the same statistics")
+    s.add_argument("--plot", default=None, metavar="FILE.png|svg", help="throughput vs txqueuelen and vs RTT, medians with CIs")
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("doctor", help="check this machine; print the fix for each problem")

@@ -240,6 +240,7 @@ class MatrixSpec:
     retries: int = 2
     max_host_crashes: int = 3
     swap: str = "reboot-guest"
+    aa: bool = False  # an A/A control: the first kernel against a copy of itself (lab.measure.cells.arms_of)
     profiles: dict[str, MatrixProfile] = field(default_factory=dict)
     profile: str | None = None  # which profile was applied by with_profile, if any
 
@@ -435,6 +436,7 @@ NET_KEYS = ("backend", "txqueuelen", "tap", "queues")
 PROFILE_KEYS = (
     "kernels", "backends", "txqueuelens", "rtts_ms", "rtt_txqueuelen", "repeats", "duration_s",
     "streams", "qdiscs", "queues", "pktgen_threads", "pktgen_count", "pktgen_size", "order", "seed", "warmup_s", "swap",
+    "aa",
 )  # fmt: skip
 MATRIX_KEYS = ("host", "guest", *PROFILE_KEYS, "netem_limit", "netem_split", "iperf3", "retries", "max_host_crashes", "profiles")
 IPERF3_KEYS = tuple(f.name for f in dataclasses.fields(Iperf3Options))
@@ -466,6 +468,7 @@ MATRIX_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "seed": 1,
         "warmup_s": 2.0,
         "swap": "reboot-guest",
+        "aa": False,
         "retries": 2,
         "max_host_crashes": 3,
     }
@@ -774,6 +777,8 @@ def _matrix_value(key: str, path: str, value: Any, kernels: Collection[str]) -> 
         return number(path, value, lo=0.0, hi=600.0)
     if key == "swap":
         return choice(path, value, SWAPS)
+    if key == "aa":
+        return boolean(path, value)
     raise AssertionError(f"not a profile key: {key}")  # PROFILE_KEYS and this function disagree
 
 

@@ -36,7 +36,20 @@ class MissingPiece(LabError):
 
 
 class HostGone(LabError):
-    """The lab host stopped answering; the matrix must stop cleanly."""
+    """The lab host stopped answering; the matrix must stop cleanly (or reboot it and retry)."""
+
+
+class HostCrashed(HostGone):
+    """The lab host's kernel died: `oops` is the first crash line on its console, `head` the
+    report up to the RIP and the call trace, `console_log` where the whole console was kept."""
+
+    def __init__(self, host: str, oops: str | None, head: str = "", console_log: str | None = None) -> None:
+        what = f"lab host {host} crashed: {oops}" if oops else f"lab host {host} died (no crash report on its console)"
+        super().__init__(what + (f" (console: {console_log})" if console_log else ""))
+        self.host = host
+        self.oops = oops
+        self.head = head
+        self.console_log = console_log
 
 
 class CommandFailed(LabError):

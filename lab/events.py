@@ -50,3 +50,76 @@ Progress = Callable[[Step], None]  # what long work takes to report its steps
 
 def quiet(event: object) -> None:
     """An emit that drops every event."""
+
+
+# ---------------------------------------------------------------------------- runs and sessions
+# A matrix run and the lab session under it emit these besides Steps; a
+# renderer that does not know an event ignores it.
+
+
+@dataclass(frozen=True)
+class HostBooted:
+    """A lab host came up on `recipe` (power on -> SSH answers)."""
+
+    host: str
+    recipe: str
+    seconds: float
+    boot_id: str
+
+
+@dataclass(frozen=True)
+class GuestBooted:
+    """A guest came up (define -> SSH answers)."""
+
+    guest: str
+    host: str
+    backend: str
+    queues: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ModulesSwapped:
+    """One lab host boot moved from one recipe's tun/tap/vhost/vhost_net to another's."""
+
+    host: str
+    from_recipe: str
+    to_recipe: str
+    seconds: float  # rmmod + insmod + build-id check
+    build_ids: dict[str, str]
+
+
+@dataclass(frozen=True)
+class HostCrash:
+    """A lab host died; `oops` is its console's first crash line (None: it died without one)."""
+
+    host: str
+    at: str
+    oops: str | None
+    console_log: str | None
+
+
+@dataclass(frozen=True)
+class CellStarted:
+    """Cell `cell` (the `index`-th of `total` in run order) began its `attempt`-th attempt."""
+
+    cell: str
+    index: int
+    total: int
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class CellFinished:
+    """A cell ended: status "ok"|"error", its throughput (Mbit/s, or pktgen kpps) and attempts."""
+
+    cell: str
+    status: str
+    value: float | None
+    unit: str
+    attempts: int
+    seconds: float
+
+
+Event = Step | HostBooted | GuestBooted | ModulesSwapped | HostCrash | CellStarted | CellFinished
+Emit = Callable[[Event], None]  # what a run and a session take to report what happens

@@ -20,6 +20,7 @@ from lab.events import Progress, Step, quiet
 from lab.hosts.domains import GuestDomain, guest_mac, guest_xml
 from lab.hosts.host import Host
 from lab.hosts.remote import SshEndpoint, SshRunner
+from lab.onhost.net import TapDevice
 from lab.paths import LabPaths
 
 GUEST_INITRAMFS = Path(__file__).with_name("data") / "guest-initramfs.sh"
@@ -54,6 +55,7 @@ class GuestPlan:
     image: Path  # base qcow2 (read-only, shared)
     kernel: Path  # guest kernel (vmlinuz)
     modules_dir: Path  # that kernel's lib/modules/<release>
+    queues: int = 1  # virtio-net queue pairs (a multiqueue tap when > 1)
 
     @property
     def host_ip(self) -> str:
@@ -118,7 +120,8 @@ def boot_guest(
     overlay = f"{gdir}/{plan.name}.qcow2"
     console = host.guest_log(plan.name)
     progress(Step(plan.name, f"tap {plan.tap} (txqueuelen {plan.txqueuelen})"))
-    host.agent(["tap-create", "--name", plan.tap, "--txqueuelen", str(plan.txqueuelen), "--vnet-hdr", "--address", f"{plan.host_ip}/24"])
+    host.agent.tap_create(TapDevice(plan.tap, txqueuelen=plan.txqueuelen, vnet_hdr=True, multi_queue=plan.queues > 1,
+                                    address=f"{plan.host_ip}/24"))
     # The base image is staged once per lab host boot into the host's own
     # memory: guest disk reads through 9p under TCG made boots 10x slower.
     staged = f"{host.guest_dir()}/base-{plan.image.parent.name}.qcow2"
@@ -135,6 +138,7 @@ def boot_guest(
             "init=/sbin/lab-init",
             f"lab.hostname={plan.name}",
             f"lab.ip={plan.guest_ip}/24",
+            f"lab.queues={plan.queues}",
         ]
     )
     xml = guest_xml(
@@ -151,6 +155,7 @@ def boot_guest(
             backend=plan.backend,
             console_log=Path(console),
             accel="kvm",
+            queues=plan.queues,
         )
     )
     t0 = time.monotonic()
@@ -165,7 +170,7 @@ def boot_guest(
         _wait_guest(guest, boot_timeout, progress, t0)
         # libvirt gives taps a noqueue root qdisc; the lab measures the
         # kernel's default qdisc (the one that holds a stopped queue's backlog).
-        host.agent(["netem", "--dev", plan.tap, "--clear"])
+        host.agent.set_qdisc(plan.tap, "default")
     except BaseException:
         destroy_guest(paths, host, plan.name, plan.tap)
         raise
@@ -241,7 +246,7 @@ def destroy_guest(paths: LabPaths, host: Host, name: str, tap: str | None) -> No
         pass
     host.run(["rm", "-f", f"{host.guest_dir()}/{name}.qcow2"], check=False)
     if tap:
-        host.agent(["tap-delete", "--name", tap])
+        host.agent.tap_delete(tap)
 
 
 def list_lab_guests(host: Host, lab: str) -> list[tuple[str, bool]]:

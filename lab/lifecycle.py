@@ -8,143 +8,15 @@ object carrying the lab's name prefix, whether or not this process made it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-from lab.config import GuestSpec, HostSpec, LabConfig
-from lab.errors import ConfigError, HostGone, LabError
+from lab.config import GuestSpec, LabConfig
+from lab.errors import HostGone, LabError
 from lab.events import Progress, Step, quiet
-from lab.guests import GuestPlan, RunningGuest, boot_guest, destroy_guest, guest_endpoint, guest_ip, list_lab_guests
-from lab.hosts.host import Host, LocalHost, SshHost
-from lab.hosts.nested import KernelBoot, boot_host, destroy_host, find_host, lab_domains
-from lab.hosts.sshkeys import SshKeyPair, ensure_keypair
-from lab.paths import LabPaths
-
-
-@dataclass
-class LabContext:
-    """A loaded lab with its paths and key: what every command starts from."""
-
-    cfg: LabConfig
-    paths: LabPaths
-    key: SshKeyPair
-    hosts: dict[str, Host] = field(default_factory=dict)
-
-    @classmethod
-    def open(cls, cfg: LabConfig) -> LabContext:
-        """Prepare the workdir and the lab's key pair."""
-        paths = LabPaths(cfg.workdir, cfg.name)
-        paths.lab_dir.mkdir(parents=True, exist_ok=True)
-        return cls(cfg, paths, ensure_keypair(cfg.workdir, cfg.name))
-
-    def close(self) -> None:
-        """Release every host connection."""
-        for h in self.hosts.values():
-            h.close()
-        self.hosts.clear()
-
-
-# --------------------------------------------------------------------------- artifacts
-
-
-def kernel_boot(ctx: LabContext, recipe_name: str, progress: Progress = quiet) -> KernelBoot:
-    """The kernel artifact for a recipe, built if missing."""
-    from lab.artifacts.kernel import build_kernel
-
-    recipe = ctx.cfg.kernels[recipe_name]
-    art = build_kernel(recipe, ctx.cfg.workdir, progress=progress, timeout=ctx.cfg.timeouts.build)
-    return KernelBoot.from_artifact(art)
-
-
-def guest_kernel(ctx: LabContext, progress: Progress = quiet) -> KernelBoot:
-    """The kernel guests boot: the stock recipe's (guests are not under test)."""
-    return kernel_boot(ctx, ctx.cfg.expectations.stock_kernel, progress)
-
-
-def guest_image(ctx: LabContext, image_name: str, progress: Progress = quiet) -> Path:
-    """The base disk of an image recipe, built if missing."""
-    from lab.artifacts.image import build_image
-
-    ref = ctx.cfg.images[image_name]
-    img = build_image(ref.recipe, ctx.cfg.workdir, ctx.key.public_key_text(), progress=progress, timeout=ctx.cfg.timeouts.build)
-    return img.path
-
-
-# --------------------------------------------------------------------------- hosts
-
-
-def connect_host(ctx: LabContext, spec: HostSpec) -> Host | None:
-    """The running host for `spec` (None when a nested host is not up)."""
-    if spec.name in ctx.hosts:
-        return ctx.hosts[spec.name]
-    host: Host | None
-    if spec.provider == "nested":
-        host = find_host(ctx.paths, spec.name, ctx.key.private, ctx.cfg.timeouts.command)
-    elif spec.provider == "local":
-        host = LocalHost(name=spec.name)
-    else:
-        host = SshHost(name=spec.name, uri=spec.uri, address=spec.address, user=spec.user or "root", key=ctx.key.private)
-    if host is not None:
-        ctx.hosts[spec.name] = host
-    return host
-
-
-def up_host(ctx: LabContext, spec: HostSpec, kernel: str | None = None, progress: Progress = quiet) -> Host:
-    """Make host `spec` run (on `kernel`, default its own); reuse it when it already does."""
-    if spec.provider == "local":
-        host = LocalHost(name=spec.name)
-        host.require_usable()
-        ctx.hosts[spec.name] = host
-        return host
-    if spec.provider == "ssh":
-        host = connect_host(ctx, spec)
-        assert host is not None
-        problems = host.probe().problems()
-        if problems:
-            raise LabError(f"host {spec.name} ({spec.address}) cannot run guests: " + "; ".join(problems))
-        return host
-    recipe = kernel or spec.kernel
-    if recipe is None:
-        raise ConfigError(f"hosts.{spec.name}.kernel", "a nested host needs a kernel recipe")
-    kb = kernel_boot(ctx, recipe, progress)
-    old = ctx.hosts.pop(spec.name, None)
-    if old is not None:
-        old.close()
-    host = boot_host(
-        ctx.paths,
-        spec.name,
-        kb,
-        spec.vcpus,
-        spec.memory_mib,
-        ctx.key.private,
-        ctx.key.public_key_text(),
-        ssh_port=spec.ssh_port,
-        boot_timeout=ctx.cfg.timeouts.host_boot,
-        command_timeout=ctx.cfg.timeouts.command,
-        progress=progress,
-    )
-    ctx.hosts[spec.name] = host
-    return host
-
-
-# --------------------------------------------------------------------------- guests
-
-
-def guest_plan(ctx: LabContext, spec: GuestSpec, backend: str | None = None, txqueuelen: int | None = None, progress: Progress = quiet) -> GuestPlan:
-    """Resolve a guest's config into a bootable plan (building artifacts)."""
-    kb = guest_kernel(ctx, progress)
-    return GuestPlan(
-        name=spec.name,
-        index=spec.index,
-        vcpus=spec.vcpus,
-        memory_mib=spec.memory_mib,
-        backend=backend or spec.net.backend,
-        txqueuelen=txqueuelen or spec.net.txqueuelen,
-        tap=spec.net.tap,
-        image=guest_image(ctx, spec.image, progress),
-        kernel=kb.vmlinuz,
-        modules_dir=kb.modules_root / "lib" / "modules" / kb.release,
-    )
+from lab.guests import RunningGuest, destroy_guest, guest_endpoint, guest_ip, list_lab_guests
+from lab.hosts.host import Host, LocalHost
+from lab.hosts.nested import destroy_host, lab_domains
+from lab.session import LabContext, LabSession, connect_host, guest_plan
 
 
 def select(cfg: LabConfig, names: list[str]) -> tuple[list[GuestSpec], list[str]]:
@@ -180,19 +52,33 @@ def preflight(ctx: LabContext, names: list[str]) -> None:
         outer_libvirt().close()
 
 
-def up(ctx: LabContext, names: list[str], progress: Progress = quiet) -> list[RunningGuest]:
-    """Bring up guests `names` (hosts or guests; empty: all guests) and their hosts."""
+def up(ctx: LabContext, names: list[str], progress: Progress = quiet, keep_on_error: bool = False) -> list[RunningGuest]:
+    """Bring up guests `names` (hosts or guests; empty: all guests) and their hosts.
+
+    Hosts and guests that already run and answer are kept as they are. A
+    failure (or Ctrl-C) destroys what this call started and nothing else
+    (unless `keep_on_error`): what was running before it keeps running.
+    """
     cfg = ctx.cfg
     guests, host_names = select(cfg, names)
     running: list[RunningGuest] = []
-    for hn in dict.fromkeys([g.host for g in guests] + host_names):
-        spec = cfg.hosts[hn]
-        host = connect_host(ctx, spec) if spec.provider == "nested" else None
-        if host is None or (spec.provider == "nested" and host.runtime.kernel_recipe != spec.kernel):
-            host = up_host(ctx, spec, progress=progress)
-        for g in (g for g in guests if g.host == hn):
-            plan = guest_plan(ctx, g, progress=progress)
-            running.append(boot_guest(ctx.paths, host, plan, ctx.key.private, cfg.timeouts.guest_boot, progress))
+    sessions: list[LabSession] = []
+    try:
+        for hn in dict.fromkeys([g.host for g in guests] + host_names):
+            spec = cfg.hosts[hn]
+            session = LabSession(ctx, spec, progress)
+            sessions.append(session)
+            session.adopt_or_boot(spec.kernel)
+            for g in (g for g in guests if g.host == hn):
+                plan = guest_plan(ctx, g, progress=progress)
+                running.append(session.adopt_guest(plan) or session.guest(plan))
+    except BaseException:
+        for session in reversed(sessions if not keep_on_error else []):
+            try:
+                session.close()
+            except Exception as e:
+                progress(Step(session.spec.name, f"cleanup: {e}", warning=True))
+        raise
     return running
 
 
@@ -212,9 +98,9 @@ def down(ctx: LabContext, progress: Progress = quiet) -> list[str]:
                 tap = cfg.guests[guest].net.tap if guest in cfg.guests else None
                 destroy_guest(ctx.paths, host, guest, tap)
                 gone.append(f"guest {dom} on {spec.name}")
-            for tap in host.agent(["tap-list", "--prefix", f"{cfg.name}-"]).get("taps", []):
-                host.agent(["tap-delete", "--name", tap["name"]])
-                gone.append(f"tap {tap['name']} on {spec.name}")
+            for tap in host.agent.tap_list(f"{cfg.name}-"):
+                host.agent.tap_delete(tap.name)
+                gone.append(f"tap {tap.name} on {spec.name}")
         except (HostGone, LabError) as e:
             progress(Step(spec.name, str(e), warning=True))
     ctx.close()
@@ -306,11 +192,11 @@ def status(ctx: LabContext) -> tuple[list[HostStatus], list[GuestStatus]]:
 
 def _tap_facts(host: Host, tap: str) -> dict:
     try:
-        taps = {t["name"]: t for t in host.agent(["tap-list", "--prefix", tap]).get("taps", [])}
-        qdisc = (host.agent(["counters", "--dev", tap]).get("qdisc") or {}).get("kind")
+        taps = {t.name: t for t in host.agent.tap_list(tap)}
+        qdisc = host.agent.counters(tap).qdisc.kind if tap in taps else None
     except LabError:
         return {}
-    return {"txqueuelen": taps.get(tap, {}).get("txqueuelen"), "qdisc": qdisc}
+    return {"txqueuelen": taps[tap].txqueuelen if tap in taps else None, "qdisc": qdisc}
 
 
 def _uses_vhost(host: Host, domain: str) -> bool | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lab import proc
 from lab.errors import HostGone, LabError, MissingPiece
+from lab.hosts.agent_client import AgentClient
 from lab.hosts.remote import ABORT_GRACE_S, CommandResult, SshEndpoint, SshRunner, quote_argv, ssh_escape
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -159,12 +160,18 @@ class Host:
         # and the same source tree are there.
         return ["env", f"PYTHONPATH={REPO_ROOT}", sys.executable]
 
-    def agent(self, args: list[str], timeout: float | None = None) -> dict:
-        """Run one lab agent verb on the host and return its JSON reply.
+    @property
+    def agent(self) -> AgentClient:
+        """The lab agent on this host: one typed method per verb (lab.hosts.agent_client)."""
+        return AgentClient(self.call)
 
-        Calls go to one long-lived `python -m lab.onhost.agent serve` per host (a
-        Python start on a TCG lab host costs seconds); a session that died
-        or timed out is replaced on the next call.
+    def call(self, args: list[str], timeout: float | None = None) -> dict:
+        """Run one lab agent verb (an argument list) on the host and return its JSON reply.
+
+        The transport under `agent`. Calls go to one long-lived `python -m
+        lab.onhost.agent serve` per host (a Python start on a TCG lab host
+        costs seconds); a session that died or timed out is replaced on the
+        next call.
         """
         limit = timeout if timeout is not None else self.command_timeout
         session = getattr(self, "_agent_session", None)
@@ -222,19 +229,19 @@ class Host:
 
     def probe(self) -> HostProbe:
         """Ask the host what its kernel offers."""
-        data = self.agent(["probe"])
+        f = self.agent.probe()
         return HostProbe(
             name=self.name,
             provider=self.provider,
-            release=data.get("release", "?"),
-            accel=data.get("accel", "?"),
-            kvm=bool(data.get("kvm")),
-            vhost_net=bool(data.get("vhost_net")),
-            tun=bool(data.get("tun")),
-            netem=bool(data.get("netem")),
-            modules=data.get("modules", {}),
-            nodrop=data.get("nodrop"),
-            cpu_model=data.get("cpu_model", "?"),
+            release=f.release,
+            accel=f.accel,
+            kvm=f.kvm,
+            vhost_net=f.vhost_net,
+            tun=f.tun,
+            netem=f.netem,
+            modules=dict(f.modules),
+            nodrop=f.nodrop,
+            cpu_model=f.cpu_model,
         )
 
     def close(self) -> None:

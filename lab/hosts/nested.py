@@ -36,12 +36,14 @@ class KernelBoot:
     modules_root: Path  # holds lib/modules/<release>
     release: str
     module_build_ids: dict[str, str]
+    cmdline: tuple[str, ...] = ()  # the recipe's extra kernel command line
 
     @classmethod
-    def from_artifact(cls, art) -> KernelBoot:
+    def from_artifact(cls, art, cmdline: tuple[str, ...] = ()) -> KernelBoot:
         """From lab.artifacts.kernel.KernelArtifact (duck-typed to keep this module light)."""
         root = Path(art.modules_root)
-        return cls(art.recipe, art.key, Path(art.vmlinuz), root, art.release, artifact_build_ids(root / "lib" / "modules" / art.release))
+        ids = artifact_build_ids(root / "lib" / "modules" / art.release)
+        return cls(art.recipe, art.key, Path(art.vmlinuz), root, art.release, ids, tuple(cmdline))
 
 
 def artifact_build_ids(modules_dir: Path) -> dict[str, str]:
@@ -135,6 +137,7 @@ def boot_host(
             f"lab.hostname={name}",
             f"lab.init={LABHOST_INIT}",
             f"lab.overlay_size={max(512, memory_mib // 2)}M",
+            *kernel.cmdline,
         ]
     )
     xml = labhost_xml(

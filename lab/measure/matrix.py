@@ -1,27 +1,26 @@
-"""Running a matrix: cells in plan order on one lab host and one guest, results appended per cell.
+"""Running a matrix: plan the cells, measure each, record one results.jsonl line per cell.
 
-    plan = expand(matrix)                      # grouped by kernel, then backend
-    for cell in plan minus completed cells:    # --resume: only missing/errored cells run
-        (re)boot the lab host when the kernel changes,
-        (re)boot the guest when the backend changes (or the host was rebooted),
-        set the tap's txqueuelen and netem, run iperf3 host -> guest,
-        append one results.jsonl line
+    plan     = expand(spec, arms)                  # lab.measure.cells: ids, canonical order
+    run      = schedule(plan, boot_key, order)     # arms sharing a boot interleave (ABBA ...)
+    for cell in run minus completed cells:         # --resume: only missing/errored cells run
+        session.kernel(cell's recipe, arm)         # lab.session: reuse, swap modules, or boot
+        session.guest(plan for backend, queues)    # a fresh guest after a boot or a swap
+        warm-up iperf3 (discarded) after a fresh guest,
+        set txqueuelen, qdisc or netem, run iperf3 (or pktgen) through the agent,
+        append the cell's result
 
-The transitions are lazy and follow the plan's grouping, so a matrix of K
-kernels and B backends boots K lab hosts and K x B guests (`boot_counts`).
+The runner plans, measures and records; the lab session owns hosts, guests and
+module swaps, and the report renders what the runner emits (lab.events), so
+nothing here prints.
 
-Faults stay inside their cell: an exception becomes a result with status
-"error", the error message and a copy of the guest's console tail
-(logs/<cell>.console.log); a guest that no longer answers SSH is destroyed
-(the next cell boots a fresh one), one that does gets its iperf3 server
-restarted. Only a lost lab host stops the run: HostGone leaves the loop after
-the cell's error line is written, so everything recorded stays valid and
-`--resume` continues where it stopped.
-
-Pure parts (tested without VMs): `netem_delays`, `agent_netem_args`,
-`guest_netem_argv`, `stream_args`, `cell_result_from_stream`,
-`error_result`, `plan_transitions`, `boot_counts`, `property_names`,
-`overhead`.
+Faults stay inside their cell. A lab host that dies (its console shows an
+oops, or it just stops answering) is recorded in the cell's `host_crashes`;
+the session boots a new one on the same kernel and the cell is tried again,
+up to `retries` times per cell and `max_host_crashes` per run; past that the
+cell is an error and, when the run's crash budget is spent, the run stops
+(`--resume` continues). Any other fault is an error result with the guest's
+console tail; a guest that no longer answers is destroyed (the next cell boots
+a fresh one), one that does gets its iperf3 server restarted.
 """
 
 from __future__ import annotations
@@ -31,20 +30,22 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lab import guests, lifecycle
 from lab.errors import HostGone, LabError
-from lab.events import Progress, Step, quiet
-from lab.hosts import nested
-from lab.measure.cells import Cell, expand
-from lab.onhost.traffic import iperf3_server_argv
+from lab.events import CellFinished, CellStarted, Emit, HostCrash, Step, quiet
+from lab.guests import RunningGuest, console_tail, guest_mac
+from lab.measure.cells import Arm, Cell, arms_of, expand, schedule, swaps_and_boots
+from lab.onhost.drops import RING_REASON
+from lab.onhost.net import NetemDelay
+from lab.onhost.pktgen import PktgenMeasurement, PktgenRun
+from lab.onhost.traffic import Iperf3Run, StreamMeasurement, iperf3_server_argv
+from lab.session import LabContext, LabSession, boot_key, guest_plan
 from lab.verdicts import expect
 from lab.verdicts.results import (
-    STABLE_KEYS,
     STATUS_ERROR,
     STATUS_OK,
     CellResult,
@@ -59,31 +60,18 @@ from lab.verdicts.results import (
 )
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from lab.config import LabConfig, MatrixSpec
-    from lab.guests import GuestPlan, RunningGuest
-    from lab.hosts.host import Host
-    from lab.lifecycle import LabContext
+    from lab.guests import GuestPlan
 
 log = logging.getLogger("lab.measure.matrix")
 
-
 GUEST_ACCEL = "kvm"  # guests always run with -accel kvm inside the lab host (lab.guests)
 GUEST_DEV = "eth0"  # the guest's NIC (images/guest-init.sh configures it)
-AGENT_SLACK_S = 30.0  # an agent `stream` call may take this much beyond iperf3's own bound
 HEALTH_TIMEOUT_S = 20.0  # "does the guest still answer SSH?"
 CONSOLE_TAIL_LINES = 200  # lines of a console copied into logs/<cell>.console.log
-MAX_BOOT_ATTEMPTS = 2  # per lab host kernel / per (kernel, backend) guest, within one session
+MAX_BOOT_ATTEMPTS = 2  # per lab host kernel / per guest config, within one session, outside crashes
 OVERHEAD_FACTOR = 1.25  # target: wall <= 1.25 x traffic + boots (builds excluded)
-
-# What a `stream` reply's "fields" may set on a CellResult: measurements only,
-# never the keys that identify the cell or say how it went.
-_IDENTITY_KEYS = frozenset(
-    {"cell", "kernel", "backend", "txqueuelen", "rtt_ms", "repeat", "status", "error", "commands", "console_log"}
-)
-MEASURED_KEYS = tuple(k for k in STABLE_KEYS if k not in _IDENTITY_KEYS)
-
+SAMPLE_MS = 10.0  # the agent samples the tap's qdisc backlog this often during a cell
 
 
 # =========================================================================== pure parts
@@ -110,13 +98,6 @@ def _ms(value: float) -> str:
     return f"{value:g}"
 
 
-def agent_netem_args(tap: str, delay_ms: float | None, limit: int) -> list[str]:
-    """The agent's netem verb: delay on the tap's root, or --clear (the kernel's default root qdisc)."""
-    if delay_ms is None:
-        return ["netem", "--dev", tap, "--clear"]
-    return ["netem", "--dev", tap, "--delay-ms", _ms(delay_ms), "--limit", str(limit)]
-
-
 def guest_netem_argv(delay_ms: float | None, limit: int, dev: str = GUEST_DEV) -> list[str]:
     """The tc command run in the guest: netem delay on its NIC, or delete the root qdisc (back to default)."""
     if delay_ms is None:
@@ -124,23 +105,15 @@ def guest_netem_argv(delay_ms: float | None, limit: int, dev: str = GUEST_DEV) -
     return ["tc", "qdisc", "replace", "dev", dev, "root", "netem", "delay", f"{_ms(delay_ms)}ms", "limit", str(limit)]
 
 
-def stream_args(cell: Cell, matrix: MatrixSpec, server: str, tap: str, cell_grace: float) -> list[str]:
-    """The agent's stream verb for a cell: iperf3 host -> guest, counters sampled on the tap.
-
-    iperf3 is bounded by duration + cell_grace (the agent kills it after that).
-    """
-    args = ["stream", "--server", server, "--duration", str(cell.duration_s), "--streams", str(matrix.iperf3.streams)]
-    if matrix.iperf3.congestion:
-        args += ["--congestion", matrix.iperf3.congestion]
-    if matrix.iperf3.length:
-        args += ["--length", matrix.iperf3.length]
-    args += ["--sample-dev", tap, "--timeout", _ms(cell.duration_s + cell_grace)]
-    return args
+def guest_rx_argv(dev: str = GUEST_DEV) -> list[str]:
+    """Read the guest NIC's received-packet counter (what pktgen cells count as delivered)."""
+    return ["cat", f"/sys/class/net/{dev}/statistics/rx_packets"]
 
 
-def stream_call_timeout(cell: Cell, cell_grace: float) -> float:
-    """The bound on the whole agent `stream` call (SSH, Python start-up, iperf3, counters)."""
-    return cell.duration_s + cell_grace + AGENT_SLACK_S
+def iperf3_run(cell: Cell, spec: MatrixSpec, server: str, duration_s: int | None = None) -> Iperf3Run:
+    """The iperf3 client run of a cell (host -> guest)."""
+    return Iperf3Run(server=server, duration_s=duration_s or cell.duration_s, streams=cell.streams,
+                     congestion=spec.iperf3.congestion, length=spec.iperf3.length)
 
 
 def _identity(cell: Cell) -> dict[str, Any]:
@@ -151,82 +124,134 @@ def _identity(cell: Cell) -> dict[str, Any]:
         "txqueuelen": cell.txqueuelen,
         "rtt_ms": cell.rtt_ms,
         "repeat": cell.repeat,
+        "kind": cell.kind,
+        "streams": cell.streams,
+        "queues": cell.queues,
+        "qdisc": cell.qdisc,
+        "threads": cell.threads,
     }
 
 
-def _host_bits(host_facts: Mapping[str, Any] | None, cell: Cell) -> dict[str, Any]:
-    f = host_facts or {}
-    return {
-        "accel": GUEST_ACCEL if f else None,
-        "host_accel": f.get("accel"),
-        "kernel_recipe": f.get("kernel_recipe") or cell.kernel,
-        "kernel_release": f.get("kernel_release"),
-    }
+@dataclass(frozen=True)
+class Where:
+    """Where and how a cell was measured: the host's facts and the cell's place in the run."""
+
+    host: str | None = None
+    boot_id: str | None = None
+    host_accel: str | None = None
+    kernel_recipe: str | None = None
+    kernel_release: str | None = None
+    modules_loaded: dict[str, Any] | None = None
+    order: int | None = None
+    attempts: int = 1
+    host_crashes: tuple[dict[str, Any], ...] = ()
+
+    def fields(self) -> dict[str, Any]:
+        """The CellResult keys this sets."""
+        return {
+            "host": self.host,
+            "boot_id": self.boot_id,
+            "accel": GUEST_ACCEL if self.host else None,
+            "host_accel": self.host_accel,
+            "kernel_recipe": self.kernel_recipe,
+            "kernel_release": self.kernel_release,
+            "modules_loaded": self.modules_loaded,
+            "order": self.order,
+            "attempts": self.attempts,
+            "host_crashes": [dict(c) for c in self.host_crashes],
+        }
 
 
 def cell_result_from_stream(
-    cell: Cell,
-    reply: Mapping[str, Any],
-    *,
-    host_facts: Mapping[str, Any] | None,
-    started_at: str | None,
-    finished_at: str | None,
+    cell: Cell, m: StreamMeasurement, where: Where, *, started_at: str | None, finished_at: str | None,
     commands: Sequence[Sequence[str]] = (),
 ) -> CellResult:
-    """A CellResult from the agent's `stream` reply (its "fields", "argv", "iperf3").
-
-    The iperf3 argv the agent ran is appended to `commands`. A reply without a
-    throughput is an error result: the cell measured nothing usable.
-    """
-    fields = reply.get("fields")
-    if not isinstance(fields, Mapping):
-        fields = {}
-    measured = {k: fields[k] for k in MEASURED_KEYS if k in fields}
-    extra = {k: v for k, v in fields.items() if k not in STABLE_KEYS}
-    iperf3 = reply.get("iperf3") if isinstance(reply.get("iperf3"), Mapping) else {}
-    seconds = iperf3.get("seconds") if isinstance(iperf3, Mapping) else None
-    cmds = [list(c) for c in commands]
-    if isinstance(reply.get("argv"), list):
-        cmds.append([str(a) for a in reply["argv"]])
+    """A CellResult from the agent's stream measurement. No throughput: an error result (it measured nothing usable)."""
+    d = m.delta
+    children = [q for q in m.qdiscs if q.parent != 0xFFFFFFFF]
     status, error = STATUS_OK, None
-    if measured.get("throughput_mbps") is None:
+    if m.iperf3.throughput_mbps is None:
         status, error = STATUS_ERROR, "iperf3 reported no throughput"
     return CellResult(
         **_identity(cell),
         status=status,
         error=error,
-        **measured,
-        **_host_bits(host_facts, cell),
-        duration_s=float(seconds) if isinstance(seconds, int | float) and seconds > 0 else float(cell.duration_s),
+        throughput_mbps=m.iperf3.throughput_mbps,
+        retransmits=m.iperf3.retransmits,
+        host_retrans_segs=m.tcp.retrans_segs,
+        tcp_out_segs=m.tcp.out_segs,
+        tap_tx_dropped=d.tap.tx_dropped if d else None,
+        tap_tx_packets=d.tap.tx_packets if d else None,
+        qdisc_drops=d.qdisc.drops if d else None,
+        qdisc_requeues=d.qdisc.requeues if d else None,
+        qdisc_overlimits=d.qdisc.overlimits if d else None,
+        # packets: txqueuelen and qdisc limits are in packets too
+        qdisc_backlog_peak=m.backlog_peak.backlog_packets if m.backlog_peak else None,
+        measured_rtt_ms=m.iperf3.mean_rtt_ms,
+        cpu_sender_pct=m.iperf3.cpu_sender_pct,
+        cpu_receiver_pct=m.iperf3.cpu_receiver_pct,
+        ring_drops=m.drops.get(RING_REASON, 0) if m.drops is not None else None,
+        drop_reasons=m.drops,
+        queue_stats=[{"parent": f"{q.parent:#x}", "kind": q.kind, "drops": q.drops, "requeues": q.requeues,
+                      "sent_packets": q.sent_packets} for q in children] or None,
+        duration_s=m.iperf3.seconds if m.iperf3.seconds else float(cell.duration_s),
         started_at=started_at,
         finished_at=finished_at,
-        commands=cmds,
-        console_log=None,
-        extra=extra,
+        commands=[list(c) for c in commands] + [list(m.argv)],
+        **where.fields(),
+    )
+
+
+def cell_result_from_pktgen(
+    cell: Cell, m: PktgenMeasurement, rx_before: int | None, rx_after: int | None, where: Where, *,
+    started_at: str | None, finished_at: str | None, commands: Sequence[Sequence[str]] = (),
+) -> CellResult:
+    """A CellResult from a pktgen measurement and the guest's rx counter around it."""
+    r = m.result
+    received = rx_after - rx_before if rx_before is not None and rx_after is not None else None
+    status, error = STATUS_OK, None
+    if r.sent == 0:
+        status, error = STATUS_ERROR, "pktgen sent nothing"
+    return CellResult(
+        **_identity(cell),
+        status=status,
+        error=error,
+        tap_tx_dropped=m.delta.tap.tx_dropped,
+        tap_tx_packets=m.delta.tap.tx_packets,
+        qdisc_drops=m.delta.qdisc.drops,
+        qdisc_requeues=m.delta.qdisc.requeues,
+        qdisc_overlimits=m.delta.qdisc.overlimits,
+        ring_drops=m.drops.get(RING_REASON, 0) if m.drops is not None else None,
+        drop_reasons=m.drops,
+        pktgen_sent=r.sent,
+        pktgen_errors=r.errors,
+        pktgen_pps=r.pps,
+        guest_rx_packets=received,
+        guest_rx_pps=round(received / r.seconds, 1) if received is not None and r.seconds > 0 else None,
+        pktgen_lost=max(0, r.sent - received) if received is not None else None,
+        duration_s=r.seconds,
+        started_at=started_at,
+        finished_at=finished_at,
+        commands=[list(c) for c in commands],
+        **where.fields(),
     )
 
 
 def error_result(
-    cell: Cell,
-    error: str,
-    *,
-    host_facts: Mapping[str, Any] | None,
-    started_at: str | None,
-    finished_at: str | None,
-    commands: Sequence[Sequence[str]] = (),
-    console_log: str | None = None,
+    cell: Cell, error: str, where: Where, *, started_at: str | None, finished_at: str | None,
+    commands: Sequence[Sequence[str]] = (), console_log: str | None = None,
 ) -> CellResult:
     """The result of a cell that failed: status "error", no measurements."""
     return CellResult(
         **_identity(cell),
         status=STATUS_ERROR,
         error=error,
-        **_host_bits(host_facts, cell),
         duration_s=None,
         started_at=started_at,
         finished_at=finished_at,
         commands=[list(c) for c in commands],
         console_log=console_log,
+        **where.fields(),
     )
 
 
@@ -237,49 +262,6 @@ def describe_error(exc: BaseException, stage: str) -> str:
     if not isinstance(exc, LabError):
         text = f"{type(exc).__name__}: {text}"
     return f"{stage}: {text}"
-
-
-def needs_host_boot(kernel: str, running_kernel: str | None) -> bool:
-    """A cell needs a lab host boot when no host runs its kernel recipe."""
-    return running_kernel != kernel
-
-
-def needs_guest_boot(backend: str, running_backend: str | None, host_booted: bool) -> bool:
-    """A cell needs a guest boot when the host was (re)booted or the guest has another backend (or none)."""
-    return host_booted or running_backend != backend
-
-
-@dataclass(frozen=True)
-class Transition:
-    """What has to happen before a cell can run."""
-
-    cell: str
-    boot_host: bool
-    boot_guest: bool
-
-
-def plan_transitions(
-    cells: Iterable[Cell], running_kernel: str | None = None, running_backend: str | None = None
-) -> list[Transition]:
-    """The host and guest boots a sequence of cells needs, assuming every cell keeps its guest healthy.
-
-    `running_kernel`/`running_backend`: what runs before the first cell (None: nothing).
-    """
-    out: list[Transition] = []
-    kernel = running_kernel
-    backend = running_backend if running_kernel is not None else None  # no host, no guest
-    for c in cells:
-        boot_host = needs_host_boot(c.kernel, kernel)
-        boot_guest = needs_guest_boot(c.backend, backend, boot_host)
-        out.append(Transition(c.id, boot_host, boot_guest))
-        kernel, backend = c.kernel, c.backend
-    return out
-
-
-def boot_counts(cells: Iterable[Cell], running_kernel: str | None = None, running_backend: str | None = None) -> tuple[int, int]:
-    """(lab host boots, guest boots) for running `cells` in order."""
-    ts = plan_transitions(cells, running_kernel, running_backend)
-    return sum(t.boot_host for t in ts), sum(t.boot_guest for t in ts)
 
 
 def property_names(backends: Iterable[str], expectations: expect.ExpectationsLike) -> list[str]:
@@ -312,14 +294,18 @@ def overhead(wall_s: float, traffic_s: float, boots_s: float, builds_s: float = 
 
 @dataclass
 class Timing:
-    """Where a session's time went, in seconds; boots and builds are counted separately."""
+    """Where a session's time went, in seconds; boots, swaps and builds are counted separately."""
 
-    traffic_s: float = 0.0  # sum of the cells' iperf3 durations
-    boots_s: float = 0.0  # lab host and guest boots (power on -> SSH answers)
+    traffic_s: float = 0.0  # sum of the cells' measured durations (warm-ups not included)
+    warmup_s: float = 0.0
+    boots_s: float = 0.0  # lab host and guest boots (power on -> SSH answers), module swaps
     builds_s: float = 0.0  # artifact look-ups/builds (kernels, image): minutes once, ~0 when cached
     host_boots: int = 0
     guest_boots: int = 0
+    module_swaps: int = 0
     cells_run: int = 0
+    host_crashes: int = 0
+    retries: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -327,47 +313,42 @@ class Timing:
 
 
 class MatrixRunner:
-    """Runs the cells of one (profile-applied) matrix into one run store.
+    """Runs the cells of one (profile-applied) matrix into one run store, through one lab session."""
 
-    State is only what the transitions need: the running lab host and its
-    kernel recipe, the running guest and its backend, what is on the guest's
-    eth0, and the boots that failed (so a broken kernel fails its cells fast
-    instead of timing out once per cell).
-    """
-
-    def __init__(self, ctx: LabContext, spec: MatrixSpec, store: RunStore, progress: Progress = quiet) -> None:
+    def __init__(
+        self, ctx: LabContext, spec: MatrixSpec, store: RunStore, emit: Emit = quiet, arms: Sequence[Arm] | None = None
+    ) -> None:
         cfg = ctx.cfg
         self.ctx = ctx
         self.spec = spec
         self.store = store
-        self.progress = progress
+        self.emit = emit
         self.host_spec = cfg.hosts[spec.host]
         self.guest_spec = cfg.guests[spec.guest]
-        if self.host_spec.provider != "nested" and len(set(spec.kernels)) > 1:
+        self.meta: RunMeta = store.read_meta()
+        self.arms = list(arms) if arms is not None else arms_from_meta(self.meta) or arms_of(spec)
+        recipes = {a.recipe for a in self.arms}
+        if self.host_spec.provider != "nested" and len(recipes) > 1:
             raise LabError(
                 f"matrix {spec.name}: host {spec.host} is a {self.host_spec.provider!r} host, which cannot switch "
-                f"kernels, but the matrix compares {len(set(spec.kernels))} ({', '.join(spec.kernels)})",
-                hint=f'use a nested host for matrices.{spec.name}.host, or a profile with one kernel',
+                f"kernels, but the matrix compares {len(recipes)} ({', '.join(sorted(recipes))})",
+                hint=f"use a nested host for matrices.{spec.name}.host, or a profile with one kernel",
             )
-        self.meta: RunMeta = store.read_meta()
+        self.session = LabSession(ctx, self.host_spec, self._on_event, swap=spec.swap)
         self.timing = Timing()
-        self.host: Host | None = None
-        self.host_kernel: str | None = None
-        self.host_facts: dict[str, Any] | None = None
-        self.guest: RunningGuest | None = None
-        self.guest_backend: str | None = None
-        self.gone: str | None = None  # why the lab host is gone; set once, then every cell refuses
-        self._made_host = False  # the runner booted the host (close() destroys only what it made)
+        self.gone: str | None = None  # why the run stopped (crash budget spent, host lost); then every cell refuses
+        self.session_id = uuid.uuid4().hex[:12]  # names this session's entry in meta.json
+        self._base_plan: GuestPlan | None = None
         self._guest_netem = False  # a netem qdisc is on the guest's eth0 (netem_split)
         self._guest_runner: Any = None
-        self._base_plan: GuestPlan | None = None
-        self._failed_boots: dict[tuple[str, ...], list[str]] = {}
-        self.session_id = uuid.uuid4().hex[:12]  # names this session's entry in meta.json
+        self._warm: RunningGuest | None = None  # the guest the last warm-up ran against
+        self._failed: dict[tuple[Any, ...], list[str]] = {}
+        self._order = {c.id: i for i, c in enumerate(self.plan())}
 
     # ------------------------------------------------------------------ plan
     def plan(self) -> list[Cell]:
-        """Every cell of the matrix, in run order."""
-        return expand(self.spec)
+        """Every cell of the matrix, in run order (interleaved; lab.measure.cells.schedule)."""
+        return planned_cells(self.ctx.cfg, self.spec, self.arms)
 
     def pending(self) -> list[Cell]:
         """The plan minus the cells whose latest attempt in the store is ok (what --resume runs)."""
@@ -381,215 +362,261 @@ class MatrixRunner:
                 return c
         raise KeyError(cell_id)
 
+    # ------------------------------------------------------------------ events
+    def _on_event(self, event: Any) -> None:
+        from lab.events import GuestBooted, HostBooted, ModulesSwapped
+
+        if isinstance(event, HostBooted):
+            self.timing.host_boots += 1
+            self.timing.boots_s += event.seconds
+        elif isinstance(event, GuestBooted):
+            self.timing.guest_boots += 1
+            self.timing.boots_s += event.seconds
+        elif isinstance(event, ModulesSwapped):
+            self.timing.module_swaps += 1
+            self.timing.boots_s += event.seconds
+        self.emit(event)
+
     # ------------------------------------------------------------------ one cell
     def run_cell(self, cell: Cell) -> CellResult:
-        """Run one cell and append its result to the store; returns it.
+        """Run one cell (retrying it on a new lab host after a crash) and append its result; returns it.
 
-        Raises HostGone (after recording the cell's error) when the lab host is lost.
+        Raises HostGone (after recording the cell) when the run has to stop.
         """
         if self.gone is not None:
-            raise HostGone(f"not run: the lab host is gone ({self.gone})")
+            raise HostGone(f"not run: {self.gone}")
         started, t0 = now_iso(), time.monotonic()
-        commands: list[list[str]] = []
-        stage = "artifacts"
-        try:
-            self._ensure_artifacts(cell.kernel)
-            stage = "lab host boot"
-            host = self._ensure_host(cell.kernel)
-            stage = "guest boot"
-            guest = self._ensure_guest(cell.backend, cell.txqueuelen)
-            stage = "cell"
-            reply = self._measure(cell, host, guest, commands)
-            result = cell_result_from_stream(
-                cell, reply, host_facts=self.host_facts, started_at=started, finished_at=now_iso(), commands=commands
-            )
-        except Exception as exc:
-            message = describe_error(exc, stage)
-            console = self._save_console(cell, stage)
-            result = error_result(
-                cell,
-                message,
-                host_facts=self.host_facts,
-                started_at=started,
-                finished_at=now_iso(),
-                commands=commands,
-                console_log=console,
-            )
-            self.timing.cells_run += 1
-            self.store.append(result)
-            self.progress(Step(cell.id, f"error: {message}", warning=True))
-            self._recover(exc, stage)
-            return result
-        self.timing.cells_run += 1
-        self.timing.traffic_s += result.duration_s or 0.0
-        self.store.append(result)
+        crashes: list[dict[str, Any]] = []
+        attempt = 1
+        while True:
+            self.emit(CellStarted(cell.id, self._order.get(cell.id, 0) + 1, len(self._order), attempt))
+            commands: list[list[str]] = []
+            stage = "artifacts"
+            try:
+                self._ensure_artifacts(cell)
+                stage = "lab host boot"
+                host = self._ensure_host(cell)
+                stage = "guest boot"
+                guest = self._ensure_guest(cell)
+                stage = "cell"
+                result = self._measure(cell, host, guest, commands, started, attempt, crashes)
+                break
+            except HostGone as exc:
+                crash = self._record_crash(exc, cell, stage)
+                crashes.append(crash)
+                budget_spent = self.timing.host_crashes > self.spec.max_host_crashes
+                if budget_spent or attempt > self.spec.retries:
+                    why = "the run's host crash budget is spent" if budget_spent else f"{attempt} attempts"
+                    result = self._failed_result(cell, exc, stage, started, commands, attempt, crashes, f" ({why})")
+                    self._finish(cell, result, t0)
+                    if budget_spent:
+                        self.gone = f"{self.timing.host_crashes} lab host crashes (max_host_crashes {self.spec.max_host_crashes})"
+                        raise HostGone(f"lab host {self.host_spec.name}: {self.gone}") from None
+                    return result
+                attempt += 1
+                self.timing.retries += 1
+                self.emit(Step(cell.id, f"retrying on a new lab host (attempt {attempt})", warning=True))
+            except Exception as exc:
+                result = self._failed_result(cell, exc, stage, started, commands, attempt, crashes, "")
+                self._finish(cell, result, t0)
+                self._recover(stage)
+                return result
+        self._finish(cell, result, t0)
         if not result.ok:
-            self._recover(LabError(result.error or "error"), "cell")
-        log.info("%s: %s in %.0fs", cell.id, result.status, time.monotonic() - t0)
+            self._recover("cell")
         return result
 
-    def _measure(self, cell: Cell, host: Host, guest: RunningGuest, commands: list[list[str]]) -> dict[str, Any]:
-        cfg = self.ctx.cfg
+    def _finish(self, cell: Cell, result: CellResult, t0: float) -> None:
+        self.timing.cells_run += 1
+        if result.ok:
+            self.timing.traffic_s += result.duration_s or 0.0
+        self.store.append(result)
+        value, unit = (result.pktgen_pps, "pps") if cell.kind == "pktgen" else (result.throughput_mbps, "Mbit/s")
+        self.emit(CellFinished(cell.id, result.status, value, unit, result.attempts, round(time.monotonic() - t0, 1)))
+        if not result.ok:
+            self.emit(Step(cell.id, f"error: {result.error}", warning=True))
+
+    def _where(self, cell: Cell, attempt: int, crashes: Sequence[dict[str, Any]]) -> Where:
+        st = self.session.state
+        facts = st.facts if st is not None else {}
+        return Where(
+            host=self.host_spec.name if st is not None else None,
+            boot_id=st.boot_id if st is not None else None,
+            host_accel=facts.get("accel"),
+            kernel_recipe=cell.recipe_name,
+            kernel_release=facts.get("kernel_release"),
+            modules_loaded=self.session.modules_loaded(),
+            order=self._order.get(cell.id),
+            attempts=attempt,
+            host_crashes=tuple(crashes),
+        )
+
+    def _failed_result(self, cell: Cell, exc: BaseException, stage: str, started: str, commands: list[list[str]], attempt: int,
+                       crashes: Sequence[dict[str, Any]], suffix: str) -> CellResult:
+        return error_result(cell, describe_error(exc, stage) + suffix, self._where(cell, attempt, crashes), started_at=started,
+                            finished_at=now_iso(), commands=commands, console_log=self._save_console(cell, stage))
+
+    def _record_crash(self, exc: HostGone, cell: Cell, stage: str) -> dict[str, Any]:
+        """A lost host: what its console says, kept in the run's logs; the session forgets it."""
+        crash = self.session.crash(keep_dir=self.store.logs_dir)
+        self.session.forget_host()
+        self._drop_guest_handles()
+        self.timing.host_crashes += 1
+        entry = {"at": now_iso(), "oops": crash.oops, "console_log": crash.console_log, "stage": stage, "cell": cell.id,
+                 "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+        self.meta.extra.setdefault("host_crashes", []).append({**entry, "head": crash.head})
+        self.store.write_meta(self.meta)
+        self.emit(HostCrash(self.host_spec.name, entry["at"], crash.oops, crash.console_log))
+        return entry
+
+    def _measure(self, cell: Cell, host: Any, guest: RunningGuest, commands: list[list[str]], started: str, attempt: int,
+                 crashes: Sequence[dict[str, Any]]) -> CellResult:
         tap = guest.plan.tap
-        to = cfg.timeouts.command
-
-        def agent(args: list[str], timeout: float) -> dict[str, Any]:
-            commands.append([*host.python(), "-m", "lab.onhost.agent", *args])
-            return host.agent(args, timeout=timeout)
-
+        agent = host.agent
         tap_delay, guest_delay = netem_delays(cell.rtt_ms, self.spec.netem_split)
-        log.info("%s: txqueuelen %d, netem %s ms", cell.id, cell.txqueuelen, _ms(cell.rtt_ms))
-        agent(["txqueuelen", "--name", tap, "--value", str(cell.txqueuelen)], to)
-        agent(agent_netem_args(tap, tap_delay, self.spec.netem_limit), to)
+        log.info("%s: txqueuelen %d, qdisc %s, netem %s ms", cell.id, cell.txqueuelen, cell.qdisc, _ms(cell.rtt_ms))
+        commands.append(["agent", "txqueuelen", "--name", tap, "--value", str(cell.txqueuelen)])
+        agent.set_txqueuelen(tap, cell.txqueuelen)
+        if tap_delay is not None:
+            commands.append(["agent", "netem", "--dev", tap, "--delay-ms", _ms(tap_delay), "--limit", str(self.spec.netem_limit)])
+            agent.set_netem(tap, NetemDelay(tap_delay, limit=self.spec.netem_limit))
+        else:
+            commands.append(["agent", "qdisc", "--dev", tap, "--kind", cell.qdisc])
+            agent.set_qdisc(tap, cell.qdisc)
         if guest_delay is not None or self._guest_netem:
             argv = guest_netem_argv(guest_delay, self.spec.netem_limit)
             commands.append(["ssh", f"root@{guest.plan.guest_ip}", "--", *argv])
             # deleting a netem that is not there fails harmlessly; adding one must work
-            self._guest_shell().run(argv, timeout=to, check=guest_delay is not None)
+            self._guest_shell(guest).run(argv, timeout=self.ctx.cfg.timeouts.command, check=guest_delay is not None)
             self._guest_netem = guest_delay is not None
-        log.info("%s: iperf3 %ds", cell.id, cell.duration_s)
-        args = stream_args(cell, self.spec, guest.plan.guest_ip, tap, cfg.timeouts.cell_grace)
-        return agent(args, stream_call_timeout(cell, cfg.timeouts.cell_grace))
+        if self._warm is not guest and self.spec.warmup_s > 0 and cell.kind == "iperf3":
+            # the first stream after a boot or a swap runs slow: warm up, discard
+            t0 = time.monotonic()
+            agent.stream(iperf3_run(cell, self.spec, guest.plan.guest_ip, max(1, round(self.spec.warmup_s))), None,
+                         sample_ms=0, count_drops=False)
+            self.timing.warmup_s += time.monotonic() - t0
+        self._warm = guest
+        where = self._where(cell, attempt, crashes)
+        if cell.kind == "pktgen":
+            return self._measure_pktgen(cell, host, guest, commands, started, where)
+        log.info("%s: iperf3 %ds, %d stream(s)", cell.id, cell.duration_s, cell.streams)
+        m = agent.stream(iperf3_run(cell, self.spec, guest.plan.guest_ip), tap, grace_s=self.ctx.cfg.timeouts.cell_grace,
+                         sample_ms=SAMPLE_MS)
+        return cell_result_from_stream(cell, m, where, started_at=started, finished_at=now_iso(), commands=commands)
+
+    def _measure_pktgen(self, cell: Cell, host: Any, guest: RunningGuest, commands: list[list[str]], started: str,
+                        where: Where) -> CellResult:
+        shell = self._guest_shell(guest)
+        argv = guest_rx_argv()
+
+        def rx() -> int | None:
+            res = shell.run(argv, timeout=HEALTH_TIMEOUT_S, check=False)
+            return int(res.stdout.strip()) if res.rc == 0 and res.stdout.strip().isdigit() else None
+
+        run = PktgenRun(dev=guest.plan.tap, dst_ip=guest.plan.guest_ip, dst_mac=guest_mac(self.ctx.paths.lab, guest.plan.index),
+                        threads=cell.threads, count=self.spec.pktgen_count, size=self.spec.pktgen_size,
+                        timeout_s=max(60.0, float(cell.duration_s) * 6))
+        before = rx()
+        commands.append(["agent", "pktgen", "--dev", run.dev, "--threads", str(run.threads), "--count", str(run.count),
+                         "--size", str(run.size)])
+        m = host.agent.pktgen(run)
+        time.sleep(0.5)  # what is still in flight reaches the guest's counter
+        after = rx()
+        return cell_result_from_pktgen(cell, m, before, after, where, started_at=started, finished_at=now_iso(), commands=commands)
 
     # ------------------------------------------------------------------ transitions
-    def _ensure_artifacts(self, kernel: str) -> None:
-        """Build (or find in the cache) the kernel and the guest's image before any VM waits for them."""
-        if self.host is not None and not needs_host_boot(kernel, self.host_kernel):
+    def _ensure_artifacts(self, cell: Cell) -> None:
+        """Build (or find in the cache) every arm's kernel and the guest's image before any VM waits for them.
+
+        All arms at once: a lab host sees this machine's root through a 9p
+        cache, so an artifact should exist before the host that loads it boots.
+        """
+        if self._base_plan is not None:
             return
-        key = ("artifacts", kernel)
-        self._refuse_if_failed(key, f"the artifacts for kernel {kernel}", "be built")
+        key = ("artifacts",)
+        self._refuse_if_failed(key, "the artifacts", "be built")
         t0 = time.monotonic()
         try:
+            from lab.session import kernel_boot
+
             if self.host_spec.provider == "nested":
-                lifecycle.kernel_boot(self.ctx, kernel, self.progress)
-            self._guest_plan()
+                for recipe in dict.fromkeys(a.recipe for a in self.arms):
+                    kernel_boot(self.ctx, recipe, self.emit)
+            self._base_plan = guest_plan(self.ctx, self.guest_spec, progress=self.emit)
         except Exception as exc:
-            self._note_failure(key, exc)
+            self._failed.setdefault(key, []).append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise
         finally:
             self.timing.builds_s += time.monotonic() - t0
 
-    def _note_failure(self, key: tuple[str, ...], exc: BaseException) -> None:
-        self._failed_boots.setdefault(key, []).append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-
-    def _ensure_host(self, kernel: str) -> Host:
-        if self.host is not None and not needs_host_boot(kernel, self.host_kernel):
-            return self.host
-        key = ("host", kernel)
-        self._refuse_if_failed(key, f"lab host {self.host_spec.name} on kernel {kernel}")
-        # a nested host's reboot takes its guest with it (boot_host destroys the old VM)
-        self._drop_guest(destroy=self.host_spec.provider != "nested")
-        self.host = self.host_kernel = self.host_facts = None
+    def _ensure_host(self, cell: Cell) -> Any:
+        key = ("host", cell.recipe_name)
+        self._refuse_if_failed(key, f"lab host {self.host_spec.name} on kernel {cell.recipe_name}")
+        before = self.session.state.boot_id if self.session.state else None
         try:
-            before = self._running_host()
-            t0 = time.monotonic()
-            self.progress(Step(self.host_spec.name, f"lab host on kernel {kernel}"))
-            host = lifecycle.up_host(self.ctx, self.host_spec, kernel=kernel, progress=self.progress)
-            rt = getattr(host, "runtime", None)
-            # only a nested host is booted by the lab; local and ssh hosts are just connected to
-            booted = self.host_spec.provider == "nested" and (
-                before is None or (rt is not None and rt.started_at != before)
-            )
-            self._made_host |= booted
-            facts = self._probe_host(host, kernel)  # part of bringing the host up: which kernel really runs
-            boot_s = time.monotonic() - t0
-        except Exception as exc:
-            self._note_failure(key, exc)
-            raise
-        if booted:
-            self.timing.host_boots += 1
-            self.timing.boots_s += boot_s
-            facts["boot_s"] = round(boot_s, 1)
-        self.host, self.host_kernel, self.host_facts = host, kernel, facts
-        self.meta.hosts[f"{self.host_spec.name}/{kernel}"] = facts
-        self.store.write_meta(self.meta)
-        return host
-
-    def _running_host(self) -> float | None:
-        """started_at of the matrix host already running (None: none runs), to tell a boot from a reuse."""
-        if self.host_spec.provider != "nested":
-            return None
-        try:
-            h = nested.find_host(self.ctx.paths, self.host_spec.name, self.ctx.key.private, self.ctx.cfg.timeouts.command)
-        except Exception:
-            return None
-        return None if h is None else h.runtime.started_at
-
-    def _probe_host(self, host: Host, kernel: str) -> dict[str, Any]:
-        """The facts meta.json records about a lab host (RunMeta.hosts["<host>/<kernel>"])."""
-        p = host.probe()
-        facts: dict[str, Any] = {
-            "host": self.host_spec.name,
-            "provider": self.host_spec.provider,
-            "kernel_recipe": kernel,
-            "kernel_release": p.release,
-            "accel": p.accel,
-            "guest_accel": GUEST_ACCEL,
-            "cpu_model": p.cpu_model,
-            "nodrop": p.nodrop,
-            "modules_match": p.modules_match,
-            "probed_at": now_iso(),
-        }
-        exp = self.ctx.cfg.expectations
-        if p.modules_match is False:
-            self.progress(Step(f"{self.host_spec.name}/{kernel}", "loaded tun/tap/vhost modules are not the artifact's", warning=True))
-        if kernel == exp.nodrop_kernel and p.nodrop is False:
-            self.progress(Step(f"{self.host_spec.name}/{kernel}", "the nodrop behaviour is not detected", warning=True))
-        self.progress(Step(f"{self.host_spec.name}/{kernel}", f"{p.release}, accel {p.accel}, nodrop {p.nodrop}"))
-        return facts
-
-    def _ensure_guest(self, backend: str, txqueuelen: int) -> RunningGuest:
-        if self.guest is not None and not needs_guest_boot(backend, self.guest_backend, False):
-            return self.guest
-        assert self.host is not None and self.host_kernel is not None
-        key = ("guest", self.host_kernel, backend)
-        self._refuse_if_failed(key, f"guest {self.guest_spec.name} ({backend}) on kernel {self.host_kernel}")
-        self._drop_guest(destroy=False)  # boot_guest destroys the old domain, overlay and tap first
-        try:
-            plan = dataclasses.replace(self._guest_plan(), backend=backend, txqueuelen=txqueuelen or self.guest_spec.net.txqueuelen)
-            t0 = time.monotonic()
-            guest = guests.boot_guest(
-                self.ctx.paths, self.host, plan, self.ctx.key.private, self.ctx.cfg.timeouts.guest_boot, self.progress
-            )
+            host = self.session.kernel(cell.recipe_name, cell.kernel)
         except HostGone:
             raise
         except Exception as exc:
-            self._note_failure(key, exc)
+            self._failed.setdefault(key, []).append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise
-        self.timing.boots_s += time.monotonic() - t0
-        self.timing.guest_boots += 1
-        self.guest, self.guest_backend = guest, backend
-        self._guest_netem = False
+        st = self.session.state
+        if st is not None and st.boot_id != before:
+            self._drop_guest_handles()
+            self.meta.hosts[f"{self.host_spec.name}/{cell.recipe_name}"] = dict(st.facts)
+            self.meta.extra["lab_session"] = self.session.describe()
+            self.store.write_meta(self.meta)
+        elif st is not None and self.session.swaps and self.meta.extra.get("lab_session") != self.session.describe():
+            self.meta.extra["lab_session"] = self.session.describe()
+            self.store.write_meta(self.meta)
+        return host
+
+    def _ensure_guest(self, cell: Cell) -> RunningGuest:
+        assert self._base_plan is not None
+        key = ("guest", cell.kernel, cell.backend, str(cell.queues))
+        self._refuse_if_failed(key, f"guest {self.guest_spec.name} ({cell.backend}, {cell.queues} queue(s)) on {cell.kernel}")
+        plan = dataclasses.replace(self._base_plan, backend=cell.backend, queues=cell.queues,
+                                   txqueuelen=cell.txqueuelen or self.guest_spec.net.txqueuelen)
+        current = self.session.guests.get(plan.name)
+        try:
+            guest = self.session.guest(plan)
+        except HostGone:
+            raise
+        except Exception as exc:
+            self._failed.setdefault(key, []).append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise
+        if guest is not current:
+            self._drop_guest_handles()
         return guest
 
-    def _guest_plan(self) -> GuestPlan:
-        # built once per runner (in the artifacts step); backend and txqueuelen vary per boot
-        if self._base_plan is None:
-            self._base_plan = lifecycle.guest_plan(self.ctx, self.guest_spec, progress=self.progress)
-        return self._base_plan
-
     def _refuse_if_failed(self, key: tuple[str, ...], what: str, verb: str = "boot") -> None:
-        failures = self._failed_boots.get(key, [])
+        failures = self._failed.get(key, [])
         if len(failures) >= MAX_BOOT_ATTEMPTS:
             raise LabError(f"not attempted: {what} failed to {verb} {len(failures)} times in this run ({failures[-1]})")
 
-    def _guest_shell(self) -> Any:
+    def _guest_shell(self, guest: RunningGuest) -> Any:
         if self._guest_runner is None:
-            assert self.guest is not None
-            self._guest_runner = self.guest.runner(timeout=self.ctx.cfg.timeouts.command)
+            self._guest_runner = guest.runner(timeout=self.ctx.cfg.timeouts.command)
         return self._guest_runner
+
+    def _drop_guest_handles(self) -> None:
+        if self._guest_runner is not None:
+            self._guest_runner.close()
+        self._guest_runner = None
+        self._guest_netem = False
 
     # ------------------------------------------------------------------ faults
     def _save_console(self, cell: Cell, stage: str) -> str | None:
         """Copy the relevant console's tail to logs/<cell>.console.log; its path, or None."""
         text: str | None = None
+        st = self.session.state
         try:
-            if stage == "lab host boot":
+            if stage == "lab host boot" or st is None:
                 path = self.ctx.paths.host_console(self.host_spec.name)
                 if path.exists():
                     text = "\n".join(path.read_text(errors="replace").splitlines()[-CONSOLE_TAIL_LINES:])
-            elif stage in ("guest boot", "cell") and self.host is not None:
-                text = guests.console_tail(self.host, self.guest_spec.name, CONSOLE_TAIL_LINES)
+            elif stage in ("guest boot", "cell"):
+                text = console_tail(st.host, self.guest_spec.name, CONSOLE_TAIL_LINES)
         except Exception as exc:
             text = f"(console log unavailable: {exc})"
         if not text:
@@ -602,89 +629,38 @@ class MatrixRunner:
             return None
         return str(out)
 
-    def _recover(self, exc: BaseException, stage: str) -> None:
-        """After a failed cell: stop on a lost host, else leave a guest that works (or none)."""
-        if isinstance(exc, HostGone) or self._host_gone():
-            self.gone = str(exc).splitlines()[0] if isinstance(exc, HostGone) else f"{self.host_spec.name} stopped answering"
-            self._forget_host()
-            raise HostGone(f"lab host {self.host_spec.name} is gone: {self.gone}")
-        if stage != "cell" or self.guest is None:
-            return  # a failed boot cleaned up after itself (boot_guest/boot_host destroy what they started)
-        shell = self._guest_shell()
+    def _recover(self, stage: str) -> None:
+        """After a failed cell: leave a guest that works (or none)."""
+        guest = self.session.guests.get(self.guest_spec.name)
+        if stage != "cell" or guest is None:
+            return  # a failed boot cleaned up after itself
+        shell = self._guest_shell(guest)
         res = shell.run(["true"], timeout=HEALTH_TIMEOUT_S, check=False)
         if res.rc != 0:
-            self.progress(Step(self.guest_spec.name, f"does not answer SSH ({res.stderr.strip()[:80]}); destroying it", warning=True))
-            self._drop_guest(destroy=True)
+            self.emit(Step(self.guest_spec.name, f"does not answer SSH ({res.stderr.strip()[:80]}); destroying it", warning=True))
+            self._drop_guest_handles()
+            self.session.drop_guest(self.guest_spec.name, destroy=True)
             return
         # a killed or timed-out iperf3 client can leave the server wedged on a stale connection
         shell.run(["pkill", "-x", "iperf3"], timeout=HEALTH_TIMEOUT_S, check=False)
         restart = shell.run(iperf3_server_argv(daemon=True), timeout=HEALTH_TIMEOUT_S, check=False)
         if restart.rc != 0:
-            self.progress(Step(self.guest_spec.name, "iperf3 server did not restart; destroying the guest", warning=True))
-            self._drop_guest(destroy=True)
-
-    def _host_gone(self) -> bool:
-        if self.host is None:
-            return False
-        if self.host_spec.provider == "nested":
-            try:
-                if nested.find_host(self.ctx.paths, self.host_spec.name, self.ctx.key.private) is None:
-                    return True
-            except Exception:
-                pass
-        try:
-            return self.host.run(["true"], timeout=HEALTH_TIMEOUT_S, check=False).rc == 255
-        except Exception:
-            return True
-
-    def _forget_host(self) -> None:
-        """Drop every handle on a lost host without trying to talk to it."""
-        if self._guest_runner is not None:
-            self._guest_runner.close()
-        self._guest_runner = None
-        self.guest = self.guest_backend = None
-        if self.host is not None:
-            self.ctx.hosts.pop(self.host_spec.name, None)
-            try:
-                self.host.close()
-            except Exception:
-                pass
-        self.host = self.host_kernel = self.host_facts = None
-
-    def _drop_guest(self, destroy: bool) -> None:
-        if self._guest_runner is not None:
-            self._guest_runner.close()
-            self._guest_runner = None
-        guest, self.guest, self.guest_backend = self.guest, None, None
-        self._guest_netem = False
-        if guest is not None and destroy:
-            try:
-                guests.destroy_guest(self.ctx.paths, guest.host, guest.plan.name, guest.plan.tap)
-            except Exception as exc:
-                self.progress(Step(guest.plan.name, f"destroy failed: {exc}", warning=True))
+            self.emit(Step(self.guest_spec.name, "iperf3 server did not restart; destroying the guest", warning=True))
+            self._drop_guest_handles()
+            self.session.drop_guest(self.guest_spec.name, destroy=True)
 
     # ------------------------------------------------------------------ the end
     def close(self, keep: bool = False) -> None:
-        """Tear down what the runner made (guest, then lab host) unless `keep`. Idempotent."""
-        if keep:
-            if self._guest_runner is not None:
-                self._guest_runner.close()
-                self._guest_runner = None
-            return
-        host_goes = self.host_spec.provider == "nested" and self._made_host
-        # destroying a nested host destroys its guests; a guest on a host that stays is destroyed here
-        if self.guest is not None and self.gone is None and not host_goes:
-            self.progress(Step(self.guest.domain, "destroying guest"))
-        self._drop_guest(destroy=self.gone is None and not host_goes)
-        if host_goes:
-            self.progress(Step(self.ctx.paths.domain_name(self.host_spec.name), "destroying lab host"))
-            self._forget_host()
-            try:
-                nested.destroy_host(self.ctx.paths, self.host_spec.name)
-            except Exception as exc:
-                self.progress(Step(self.host_spec.name, f"destroy failed: {exc} (fix: lab down)", warning=True))
-            self._made_host = False
-        self.host = self.host_kernel = self.host_facts = None
+        """Tear down what the run made (guest, then lab host) unless `keep`. Idempotent."""
+        self._drop_guest_handles()
+        self.session.close(keep=keep)
+
+
+def arms_from_meta(meta: RunMeta) -> list[Arm]:
+    arms = meta.extra.get("arms")
+    if not isinstance(arms, list):
+        return []
+    return [Arm(str(a["name"]), str(a["recipe"])) for a in arms if isinstance(a, dict) and "name" in a and "recipe" in a]
 
 
 # =========================================================================== a whole run
@@ -701,9 +677,16 @@ class MatrixOutcome:
     wall_s: float
     traffic_s: float
     boots_s: float
-    stopped: str | None = None  # why the run stopped early (lab host gone, interrupted), None if it ran out
+    stopped: str | None = None  # why the run stopped early (host crashes, interrupted), None if it ran out
     builds_s: float = 0.0
     overhead: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        """PASS, FAIL or INCONCLUSIVE over the properties (FAIL too when cells errored or the run stopped)."""
+        if self.stopped or any(not r.ok for r in self.run_data.latest()) or self.run_data.missing_ids():
+            return expect.FAIL
+        return expect.overall(self.properties)
 
 
 def matrix_spec(cfg: LabConfig, matrix_name: str, profile: str | None = None) -> MatrixSpec:
@@ -721,18 +704,22 @@ def open_run(
     profile: str | None = None,
     resume: str | Path | None = None,
     argv: Sequence[str] | None = None,
+    aa: bool = False,
 ) -> tuple[MatrixSpec, RunStore]:
     """Create a new run directory for the matrix, or reopen `resume` (a run id, prefix, "latest" or path).
 
-    A resumed run keeps its matrix and, unless `profile` is given, its profile;
-    its planned ids become the current plan (a changed lab.toml is noted in meta).
+    `aa`: an A/A control, the baseline kernel against a copy of itself. A
+    resumed run keeps its matrix, profile and arms; its planned ids become the
+    current plan (a changed lab.toml is noted in meta).
     """
     cfg = ctx.cfg
     argv = list(sys.argv if argv is None else argv)
     if resume is None:
         spec = matrix_spec(cfg, matrix_name, profile)
-        planned = [c.id for c in expand(spec)]
-        store = RunStore(runs_dir(cfg.workdir) / new_run_id(spec.name))
+        aa = aa or spec.aa
+        arms = arms_of(spec, aa=aa)
+        store = RunStore(runs_dir(cfg.workdir) / new_run_id(spec.name + ("-aa" if aa else "")))
+        runner_plan = planned_cells(cfg, spec, arms)
         store.create(
             RunMeta(
                 run_id=store.run_dir.name,
@@ -743,7 +730,18 @@ def open_run(
                 started_at=now_iso(),
                 argv=argv,
                 duration_s=spec.duration_s,
-                planned=planned,
+                planned=[c.id for c in runner_plan],
+                extra={
+                    "arms": [dataclasses.asdict(a) for a in arms],
+                    "aa": aa,
+                    "baseline": arms[0].name,
+                    "order": spec.order,
+                    "seed": spec.seed,
+                    "swap": spec.swap,
+                    "repeats": spec.repeats,
+                    "warmup": spec.warmup_s,
+                    "expected": swaps_and_boots(runner_plan, lambda r: _boot_key_for(cfg, spec, r)),
+                },
             )
         )
         return spec, store
@@ -755,11 +753,10 @@ def open_run(
             hint=f"resume it as matrix {meta.matrix}",
         )
     if profile and meta.profile and profile != meta.profile:
-        raise LabError(
-            f"run {meta.run_id} ran profile {meta.profile!r}, not {profile!r}", hint="drop --profile when resuming"
-        )
+        raise LabError(f"run {meta.run_id} ran profile {meta.profile!r}, not {profile!r}", hint="drop --profile when resuming")
     spec = matrix_spec(cfg, meta.matrix, profile or meta.profile)
-    planned = [c.id for c in expand(spec)]
+    arms = arms_from_meta(meta) or arms_of(spec)
+    planned = [c.id for c in planned_cells(cfg, spec, arms)]
     if planned != meta.planned:
         meta.extra.setdefault("plan_changes", []).append(
             {"at": now_iso(), "added": [c for c in planned if c not in meta.planned],
@@ -771,17 +768,34 @@ def open_run(
     return spec, store
 
 
-def finish_run(
-    runner: MatrixRunner,
-    session_started: float,
-    session_started_at: str,
-    stopped: str | None = None,
-) -> MatrixOutcome:
+def _boot_key_for(cfg: LabConfig, spec: MatrixSpec, recipe: str) -> str:
+    return f"own:{recipe}" if spec.swap == "reboot-host" else boot_key(cfg, recipe)
+
+
+def planned_cells(cfg: LabConfig, spec: MatrixSpec, arms: Sequence[Arm] | None = None) -> list[Cell]:
+    """The matrix's cells in run order (what a run's meta.json plans and pytest parametrizes)."""
+    arms = list(arms) if arms is not None else arms_of(spec)
+    return schedule(expand(spec, arms), lambda r: _boot_key_for(cfg, spec, r), spec.order, spec.seed)
+
+
+def evaluate_run(data: RunData, cfg: LabConfig) -> list[expect.Property]:
+    """The properties over a loaded run (bootstrap seeded by the run id, so re-rendering is stable)."""
+    from lab.verdicts.expect import evaluate
+
+    exp = cfg.expectations
+    baseline = str(data.meta.extra.get("baseline") or exp.stock_kernel)
+    if data.meta.extra.get("aa"):
+        # an A/A control: the "patched" arm is the baseline's copy
+        exp = dataclasses.replace(exp, stock_kernel=baseline, nodrop_kernel=f"{baseline}-aa")
+    return evaluate(data.summaries(), exp, data.host_accel(), salt=data.meta.run_id)
+
+
+def finish_run(runner: MatrixRunner, session_started: float, session_started_at: str, stopped: str | None = None) -> MatrixOutcome:
     """Load the run back from disk, evaluate its properties, and write the session into meta.json.
 
     meta.extra gets "sessions" (one entry per run_matrix/pytest session, with
-    its wall/traffic/boot/build seconds) and their totals "wall_s",
-    "traffic_s", "boots_s", "builds_s" plus "overhead" (the target check).
+    its wall/traffic/boot/build seconds, crashes and retries) and their totals
+    "wall_s", "traffic_s", "boots_s", "builds_s" plus "overhead" (the target check).
     """
     cfg = runner.ctx.cfg
     meta = runner.meta
@@ -790,23 +804,25 @@ def finish_run(
     if t.cells_run or stopped or not meta.extra.get("resumed"):
         meta.finished_at = now_iso()
         sessions = meta.extra.setdefault("sessions", [])
-        entry = {"session": runner.session_id, "started_at": session_started_at, "finished_at": meta.finished_at, "argv": list(sys.argv),
-                 "wall_s": round(wall, 1), **t.to_dict(), "stopped": stopped}
+        entry = {"session": runner.session_id, "started_at": session_started_at, "finished_at": meta.finished_at,
+                 "argv": list(sys.argv), "wall_s": round(wall, 1), **t.to_dict(), "stopped": stopped}
         # finishing the same session again (pytest: properties, then session end) updates its entry
         if sessions and isinstance(sessions[-1], dict) and sessions[-1].get("session") == runner.session_id:
             sessions[-1] = entry
         else:
             sessions.append(entry)
-        totals = {k: round(sum(float(s.get(k) or 0) for s in sessions), 1) for k in ("wall_s", "traffic_s", "boots_s", "builds_s")}
+        keys = ("wall_s", "traffic_s", "boots_s", "builds_s", "warmup_s", "host_crashes", "retries", "module_swaps")
+        totals = {k: round(sum(float(s.get(k) or 0) for s in sessions), 1) for k in keys}
         meta.extra.update(totals)
         meta.extra["overhead"] = overhead(totals["wall_s"], totals["traffic_s"], totals["boots_s"], totals["builds_s"])
+        meta.extra["lab_session"] = runner.session.describe()
         if stopped:
             meta.extra["stopped"] = stopped
         else:
             meta.extra.pop("stopped", None)
         runner.store.write_meta(meta)
     data = runner.store.load()
-    props = expect.evaluate(data.summaries(), cfg.expectations, data.host_accel())
+    props = evaluate_run(data, cfg)
     passed = expect.all_passed(props) and stopped is None and all(r.ok for r in data.latest()) and not data.missing_ids()
     return MatrixOutcome(
         run_dir=runner.store.run_dir,
@@ -820,23 +836,6 @@ def finish_run(
         builds_s=round(t.builds_s, 1),
         overhead=overhead(wall, t.traffic_s, t.boots_s, t.builds_s),
     )
-
-
-class _StepPrinter:
-    """A sink for boot steps: one line per new step (Step.key), not one per tick ("booting (12s)")."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.last: tuple[str, str] | None = None
-
-    def __call__(self, step: Step) -> None:
-        from rich.text import Text
-
-        if step.key == self.last and not step.warning:
-            return
-        self.last = step.key
-        log.info("%s", step.text())
-        self.console.print(Text(f"{time.strftime('%H:%M:%S')} {step.text()}", style="yellow" if step.warning else "dim"))
 
 
 def summary_line(outcome: MatrixOutcome) -> str:
@@ -868,45 +867,32 @@ def run_matrix(
     profile: str | None = None,
     resume: str | Path | None = None,
     keep: bool = False,
-    console: Console | None = None,
+    emit: Emit = quiet,
+    aa: bool = False,
+    on_start: Any = None,
 ) -> MatrixOutcome:
-    """Run (or resume) a matrix end to end: cells, live progress, properties, report, teardown.
+    """Run (or resume) a matrix end to end: cells, events, properties, teardown.
 
     Teardown always happens (also on Ctrl-C): the guest is destroyed, and the
-    lab host too unless `keep`. A lost lab host stops the run early; its
-    outcome says why (`stopped`) and the report shows what was measured.
+    lab host too unless `keep`. A run that has to stop early (its host crash
+    budget spent) says why in its outcome (`stopped`); what was measured stays.
+    `on_start(runner, plan, pending)` is called before the first cell (the CLI
+    shows the plan there).
     """
-    from rich.console import Console
-
-    from lab.verdicts.report import MatrixProgress, render
-
-    console = console or Console()
     session_t0, session_at = time.monotonic(), now_iso()
-    spec, store = open_run(ctx, matrix_name, profile, resume)
-    runner = MatrixRunner(ctx, spec, store, _StepPrinter(console))
-    plan = runner.plan()
+    spec, store = open_run(ctx, matrix_name, profile, resume, aa=aa)
+    runner = MatrixRunner(ctx, spec, store, emit)
     pending = runner.pending()
-    pending_ids = {c.id for c in pending}
-    done = [c.id for c in plan if c.id not in pending_ids]
-    hb, gb = boot_counts(pending)
-    console.print(
-        f"run [bold]{store.run_dir.name}[/] ({store.run_dir}): {len(pending)} of {len(plan)} cells to run, "
-        f"{hb} lab host boot(s), {gb} guest boot(s)",
-        highlight=False,
-    )
+    if on_start is not None:
+        on_start(runner, runner.plan(), pending)
     stopped: str | None = None
     try:
-        with MatrixProgress(console, title=spec.name + (f" ({spec.profile})" if spec.profile else "")) as live:
-            live.start(len(plan), [c.id for c in plan], completed=done)
-            for cell in pending:
-                live.cell_started(cell.id)
-                try:
-                    result = runner.run_cell(cell)
-                except HostGone as exc:
-                    live.cell_finished(cell.id, STATUS_ERROR)
-                    stopped = str(exc)
-                    break
-                live.cell_finished(cell.id, result.status, result.throughput_mbps)
+        for cell in pending:
+            try:
+                runner.run_cell(cell)
+            except HostGone as exc:
+                stopped = str(exc)
+                break
     except KeyboardInterrupt:
         stopped = "interrupted"
         raise
@@ -915,12 +901,5 @@ def run_matrix(
             runner.close(keep=keep)
         finally:
             outcome = finish_run(runner, session_t0, session_at, stopped)
-    render(outcome.run_data, outcome.properties, console, kernels=(ctx.cfg.expectations.stock_kernel, ctx.cfg.expectations.nodrop_kernel))
-    console.print(summary_line(outcome), highlight=False)
-    if stopped:
-        console.print(f"[bold red]run stopped early: {stopped}[/]", highlight=False)
-    if stopped or any(not r.ok for r in outcome.run_data.latest()):
-        console.print(f"resume with: lab run {spec.name} --resume {store.run_dir.name}", highlight=False)
-    if keep:
-        console.print("lab host kept running (--keep): `lab down` removes it", highlight=False)
     return outcome
+

@@ -5,8 +5,10 @@ same code). Prints exactly one JSON object on stdout and exits 0; on any
 error prints {"error": "...", "type": "..."} and exits 1, so the caller
 (over SSH) never has to parse anything but one JSON line.
 
-Verbs: tap-create, tap-delete, tap-list, txqueuelen, netem, counters,
-tcp-counters, stream. A global --netns NAME (before the verb) runs the verb
+Verbs: tap-create, tap-delete, tap-list, txqueuelen, netem, qdisc, qdiscs,
+counters, probe, tcp-counters, stream, modules, pktgen. Replies are the
+dataclasses of lab.onhost (lab.onhost.wire); lab.hosts.agent_client turns them
+back into those types. A global --netns NAME (before the verb) runs the verb
 against that network namespace (tests use it; a lab host does not need it).
 """
 
@@ -15,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from pathlib import Path
 from typing import Any, NoReturn
 
 from lab.onhost import net, traffic
+from lab.onhost.wire import to_wire
 
 
 class UsageError(Exception):
@@ -105,11 +108,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device whose counters and root qdisc backlog are measured")
     p.add_argument("--sample-ms", type=float, default=10.0)
     p.add_argument("--timeout", type=float, default=None, help="seconds; default duration + 30")
+    p.add_argument("--no-drops", action="store_true", help="do not count drops by reason (tracefs)")
     p.set_defaults(func=_stream)
+
+    p = verbs.add_parser("qdisc", help="set a device's root qdisc (default, fq_codel, pfifo_fast, pfifo, fq, noqueue)")
+    p.add_argument("--dev", type=devname, required=True)
+    p.add_argument("--kind", type=_checked(_qdisc_kind, "kind"), required=True)
+    p.set_defaults(func=_qdisc)
+
+    p = verbs.add_parser("qdiscs", help="every qdisc of a device with its counters (root first)")
+    p.add_argument("--dev", type=devname, required=True)
+    p.set_defaults(func=_qdiscs)
+
+    p = verbs.add_parser("modules", help="unload tun/tap/vhost/vhost_net and load those under --dir (verified by build-id)")
+    p.add_argument("--dir", required=True, help="a lib/modules/<release> tree of a kernel artifact")
+    p.add_argument("--param", action="append", default=[], help="<module>.<param>=<value> for insmod")
+    p.set_defaults(func=_modules)
+
+    p = verbs.add_parser("pktgen", help="drive a tap with the kernel's pktgen (queue_xmit, UDP)")
+    p.add_argument("--dev", type=devname, required=True)
+    p.add_argument("--dst-ip", required=True)
+    p.add_argument("--dst-mac", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--count", type=int, default=200_000)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=_pktgen)
     return parser
 
 
-def _tap_create(args: argparse.Namespace) -> dict[str, Any]:
+def _qdisc_kind(value: str, field_name: str) -> str:
+    from lab.config import QDISCS
+
+    if value not in QDISCS:
+        raise ValueError(f"{field_name}: {value!r} is not one of {', '.join(QDISCS)}")
+    return value
+
+
+
+def _tap_create(args: argparse.Namespace) -> Any:
     spec = net.TapDevice(
         name=args.name,
         txqueuelen=args.txqueuelen,
@@ -119,48 +156,52 @@ def _tap_create(args: argparse.Namespace) -> dict[str, Any]:
         netns=args.netns,
         address=args.address,
     )
-    return {"tap": asdict(net.create_tap(spec))}
+    return net.create_tap(spec)
 
 
-def _tap_delete(args: argparse.Namespace) -> dict[str, Any]:
+def _tap_delete(args: argparse.Namespace) -> Any:
     return {"name": args.name, "deleted": net.delete_tap(args.name, args.netns)}
 
 
-def _tap_list(args: argparse.Namespace) -> dict[str, Any]:
-    return {"taps": [asdict(t) for t in net.list_taps(args.prefix, args.netns)]}
+def _tap_list(args: argparse.Namespace) -> Any:
+    return {"taps": net.list_taps(args.prefix, args.netns)}
 
 
-def _txqueuelen(args: argparse.Namespace) -> dict[str, Any]:
+def _txqueuelen(args: argparse.Namespace) -> Any:
     return {"name": args.name, "txqueuelen": net.set_txqueuelen(args.name, args.value, args.netns)}
 
 
-def _netem(args: argparse.Namespace) -> dict[str, Any]:
+def _netem(args: argparse.Namespace) -> Any:
     if args.clear == (args.delay_ms is not None):
         raise UsageError("netem: give exactly one of --delay-ms or --clear")
     netem = None if args.clear else net.NetemDelay(args.delay_ms, limit=args.limit, jitter_ms=args.jitter_ms)
     net.set_netem(args.dev, netem, args.netns)
-    return {
-        "dev": args.dev,
-        "netem": None if netem is None else asdict(netem),
-        "qdisc": asdict(net.read_qdisc(args.dev, args.netns)),
-    }
+    return net.read_qdisc(args.dev, args.netns)
 
 
-def _counters(args: argparse.Namespace) -> dict[str, Any]:
-    return asdict(net.read_counters(args.dev, args.netns))
+def _qdisc(args: argparse.Namespace) -> Any:
+    return net.set_qdisc(args.dev, args.kind, args.netns)
 
 
-def _probe(args: argparse.Namespace) -> dict[str, Any]:
+def _qdiscs(args: argparse.Namespace) -> Any:
+    return {"qdiscs": net.read_qdiscs(args.dev, args.netns)}
+
+
+def _counters(args: argparse.Namespace) -> Any:
+    return net.read_counters(args.dev, args.netns)
+
+
+def _probe(args: argparse.Namespace) -> Any:
     from lab.onhost.probe import probe_kernel
 
-    return probe_kernel().to_dict()
+    return probe_kernel()
 
 
-def _tcp_counters(args: argparse.Namespace) -> dict[str, Any]:
-    return asdict(traffic.read_tcp_counters(args.netns))
+def _tcp_counters(args: argparse.Namespace) -> Any:
+    return traffic.read_tcp_counters(args.netns)
 
 
-def _stream(args: argparse.Namespace) -> dict[str, Any]:
+def _stream(args: argparse.Namespace) -> Any:
     run = traffic.Iperf3Run(
         server=args.server,
         port=args.port,
@@ -172,57 +213,31 @@ def _stream(args: argparse.Namespace) -> dict[str, Any]:
         bind=args.bind,
         connect_timeout_ms=args.connect_timeout_ms,
     )
-    argv = traffic.local_stream_argv(run, args.netns)
-    dev = args.sample_dev
-    sampler = net.BacklogSampler(dev, args.sample_ms, args.netns) if dev else None
-    before = net.read_counters(dev, args.netns) if dev else None
-    tcp_before = traffic.read_tcp_counters(args.netns)
-    if sampler is not None:
-        sampler.start()
-    try:
-        result = traffic.run_local_stream(run, args.netns, timeout=args.timeout)
-    finally:
-        # the sampler thread must end whatever iperf3 did
-        peak = sampler.stop() if sampler is not None else None
-    tcp_after = traffic.read_tcp_counters(args.netns)
-    tcp = traffic.tcp_delta(tcp_before, tcp_after)
-    after = net.read_counters(dev, args.netns) if dev else None
-    d = net.delta(before, after) if before is not None and after is not None else None
-    counters = None
-    if before is not None and after is not None and d is not None:
-        counters = {"before": asdict(before), "after": asdict(after), "delta": asdict(d)}
-    return {
-        "argv": argv,
-        "iperf3": asdict(result),
-        "dev": dev,
-        "counters": counters,
-        "backlog_peak": None if peak is None else asdict(peak),
-        "tcp": {"before": asdict(tcp_before), "after": asdict(tcp_after), "delta": asdict(tcp)},
-        # the results.jsonl keys this run measures (docs/CONTRACTS.md)
-        "fields": {
-            "throughput_mbps": result.throughput_mbps,
-            "retransmits": result.retransmits,
-            "host_retrans_segs": tcp.retrans_segs,
-            "tcp_out_segs": tcp.out_segs,
-            "tap_tx_dropped": None if d is None else d.tap.tx_dropped,
-            "tap_tx_packets": None if d is None else d.tap.tx_packets,
-            "qdisc_drops": None if d is None else d.qdisc.drops,
-            "qdisc_requeues": None if d is None else d.qdisc.requeues,
-            "qdisc_overlimits": None if d is None else d.qdisc.overlimits,
-            # packets: txqueuelen and qdisc limits are in packets too
-            "qdisc_backlog_peak": None if peak is None else peak.backlog_packets,
-            "measured_rtt_ms": result.mean_rtt_ms,
-            "cpu_sender_pct": result.cpu_sender_pct,
-            "cpu_receiver_pct": result.cpu_receiver_pct,
-        },
-    }
+    return traffic.measure_stream(run, args.sample_dev, args.netns, args.sample_ms, args.timeout, count_drops=not args.no_drops)
+
+
+def _modules(args: argparse.Namespace) -> Any:
+    from lab.onhost import modules
+
+    params: dict[str, list[str]] = {}
+    for word in args.param:
+        params.update({m: params.get(m, []) + v for m, v in modules.params_from_cmdline([word]).items()})
+    return modules.swap(Path(args.dir), params)
+
+
+def _pktgen(args: argparse.Namespace) -> Any:
+    from lab.onhost import pktgen
+
+    run = pktgen.PktgenRun(dev=args.dev, dst_ip=args.dst_ip, dst_mac=args.dst_mac, threads=args.threads,
+                           count=args.count, size=args.size, timeout_s=args.timeout)
+    return pktgen.measure_pktgen(run)
 
 
 def run_verb(argv: list[str]) -> tuple[dict[str, Any], int]:
     """One verb's JSON reply and exit status (0 ok, 1 error)."""
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args), 0
+        return to_wire(args.func(args)), 0
     except Exception as exc:
         return {"error": str(exc) or type(exc).__name__, "type": type(exc).__name__}, 1
 

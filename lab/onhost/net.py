@@ -490,6 +490,7 @@ class QdiscCounters:
 
     kind: str = ""
     handle: int = 0
+    parent: int = TC_H_ROOT  # a multiqueue device's mq root has one child per tx queue
     drops: int = 0
     requeues: int = 0
     overlimits: int = 0
@@ -530,35 +531,40 @@ def _tap_counters(link: Any) -> TapCounters:
     return TapCounters(**{f.name: _int(stats.get(f.name)) for f in TapCounters.__dataclass_fields__.values()})
 
 
+def _qdisc_counters(msg: Any) -> QdiscCounters:
+    """One tc message's counters."""
+    basic: dict[str, Any] = {}
+    queue: dict[str, Any] = {}
+    stats2 = msg.get_attr("TCA_STATS2")
+    if stats2 is not None:
+        basic = stats2.get_attr("TCA_STATS_BASIC") or {}
+        queue = stats2.get_attr("TCA_STATS_QUEUE") or {}
+    if not queue:
+        # old-style TCA_STATS carries the same numbers
+        legacy = msg.get_attr("TCA_STATS") or {}
+        basic = basic or legacy
+        queue = {"qlen": legacy.get("qlen"), "backlog": legacy.get("backlog"), "drops": legacy.get("drop"),
+                 "overlimits": legacy.get("overlimits")}
+    qlen = _int(queue.get("qlen"))
+    return QdiscCounters(
+        kind=msg.get_attr("TCA_KIND") or "",
+        handle=msg["handle"],
+        parent=msg["parent"],
+        drops=_int(queue.get("drops")),
+        requeues=_int(queue.get("requeues")),
+        overlimits=_int(queue.get("overlimits")),
+        backlog_bytes=_int(queue.get("backlog")),
+        backlog_packets=qlen,
+        qlen=qlen,
+        sent_packets=_int(basic.get("packets")),
+        sent_bytes=_int(basic.get("bytes")),
+    )
+
+
 def _root_qdisc_counters(msgs: Any) -> QdiscCounters | None:
     for msg in msgs:
-        if msg["parent"] != TC_H_ROOT:
-            continue
-        basic: dict[str, Any] = {}
-        queue: dict[str, Any] = {}
-        stats2 = msg.get_attr("TCA_STATS2")
-        if stats2 is not None:
-            basic = stats2.get_attr("TCA_STATS_BASIC") or {}
-            queue = stats2.get_attr("TCA_STATS_QUEUE") or {}
-        if not queue:
-            # old-style TCA_STATS carries the same numbers
-            legacy = msg.get_attr("TCA_STATS") or {}
-            basic = basic or legacy
-            queue = {"qlen": legacy.get("qlen"), "backlog": legacy.get("backlog"), "drops": legacy.get("drop"),
-                     "overlimits": legacy.get("overlimits")}
-        qlen = _int(queue.get("qlen"))
-        return QdiscCounters(
-            kind=msg.get_attr("TCA_KIND") or "",
-            handle=msg["handle"],
-            drops=_int(queue.get("drops")),
-            requeues=_int(queue.get("requeues")),
-            overlimits=_int(queue.get("overlimits")),
-            backlog_bytes=_int(queue.get("backlog")),
-            backlog_packets=qlen,
-            qlen=qlen,
-            sent_packets=_int(basic.get("packets")),
-            sent_bytes=_int(basic.get("bytes")),
-        )
+        if msg["parent"] == TC_H_ROOT:
+            return _qdisc_counters(msg)
     return None
 
 
@@ -578,6 +584,37 @@ def read_qdisc(dev: str, netns: str | None = None) -> QdiscCounters:
         return _read_root_qdisc(ipr, _index(ipr, dev, netns), dev, netns)
 
 
+def read_qdiscs(dev: str, netns: str | None = None) -> list[QdiscCounters]:
+    """Every qdisc of `dev`: the root first, then its children (per tx queue under mq), by handle."""
+    validate_ifname(dev, "dev")
+    with _ipr(netns) as ipr:
+        idx = _index(ipr, dev, netns)
+        msgs = [m for m in ipr.tc("dump", index=idx) if m["index"] == idx]
+    out = [_qdisc_counters(m) for m in msgs]
+    return sorted(out, key=lambda q: (q.parent != TC_H_ROOT, q.parent, q.handle))
+
+
+def set_qdisc(dev: str, kind: str, netns: str | None = None) -> QdiscCounters:
+    """Make `kind` the root qdisc of `dev` ("default": the kernel's own choice); returns it as read back.
+
+    "noqueue" is what libvirt gives the taps it manages: no queue at all, so a
+    stopped tx queue cannot hold a backlog there.
+    """
+    if kind == "default":
+        clear_root_qdisc(dev, netns)
+    else:
+        try:
+            set_root_qdisc(dev, kind, netns)
+        except NetError as exc:
+            if isinstance(exc.__cause__, BaseException) and _netlink_errno(exc.__cause__) == errno.ENOENT:
+                raise MissingPiece(f"{_where(dev, netns)}: this kernel has no {kind} qdisc", hint=f"modprobe sch_{kind}") from exc
+            raise
+    got = read_qdisc(dev, netns)
+    if kind != "default" and got.kind != kind:
+        raise NetError(f"{_where(dev, netns)}: root qdisc reads back as {got.kind!r}, wanted {kind!r}")
+    return got
+
+
 def read_counters(dev: str, netns: str | None = None) -> DeviceCounters:
     """Device counters (stats64) and root qdisc counters of `dev`, read back to back."""
     validate_ifname(dev, "dev")
@@ -589,6 +626,24 @@ def read_counters(dev: str, netns: str | None = None) -> DeviceCounters:
 
 
 _QDISC_GAUGES = ("backlog_bytes", "backlog_packets", "qlen")
+_QDISC_IDENTITY = ("kind", "handle", "parent")
+
+
+def qdisc_delta(bq: QdiscCounters, aq: QdiscCounters) -> QdiscCounters:
+    """after - before for one qdisc; gauges are `after`'s. A qdisc replaced in between
+    (kind or handle changed) restarted its counters, so `after` is the change."""
+    if (bq.kind, bq.handle) != (aq.kind, aq.handle):
+        return aq
+    q_diff: dict[str, Any] = {k: getattr(aq, k) for k in _QDISC_IDENTITY}
+    for name in QdiscCounters.__dataclass_fields__:
+        if name in q_diff:
+            continue
+        if name in _QDISC_GAUGES:
+            q_diff[name] = getattr(aq, name)
+        else:
+            # a u32 kernel counter may wrap during a long run
+            q_diff[name] = (getattr(aq, name) - getattr(bq, name)) % (2**32 if name != "sent_bytes" else 2**64)
+    return QdiscCounters(**q_diff)
 
 
 def delta(before: DeviceCounters, after: DeviceCounters) -> CountersDelta:
@@ -609,20 +664,7 @@ def delta(before: DeviceCounters, after: DeviceCounters) -> CountersDelta:
             raise ValueError(f"delta: {after.dev} {name} went backwards ({getattr(before.tap, name)} -> "
                              f"{getattr(after.tap, name)})")
         tap_diff[name] = d
-    bq, aq = before.qdisc, after.qdisc
-    if (bq.kind, bq.handle) != (aq.kind, aq.handle):
-        qdisc = aq
-    else:
-        q_diff: dict[str, Any] = {"kind": aq.kind, "handle": aq.handle}
-        for name in QdiscCounters.__dataclass_fields__:
-            if name in q_diff:
-                continue
-            if name in _QDISC_GAUGES:
-                q_diff[name] = getattr(aq, name)
-            else:
-                # a u32 kernel counter may wrap during a long run
-                q_diff[name] = (getattr(aq, name) - getattr(bq, name)) % (2**32 if name != "sent_bytes" else 2**64)
-        qdisc = QdiscCounters(**q_diff)
+    qdisc = qdisc_delta(before.qdisc, after.qdisc)
     return CountersDelta(dev=after.dev, seconds=after.at - before.at, tap=TapCounters(**tap_diff), qdisc=qdisc)
 
 

@@ -15,6 +15,7 @@ iperf3 3.12 facts this module relies on (checked on this machine):
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import math
@@ -24,7 +25,19 @@ from typing import Any
 
 from lab import proc
 from lab.errors import LabError
-from lab.onhost.net import IFNAME_RE, validate_netns
+from lab.onhost.net import (
+    IFNAME_RE,
+    BacklogPeak,
+    BacklogSampler,
+    CountersDelta,
+    DeviceCounters,
+    QdiscCounters,
+    delta,
+    qdisc_delta,
+    read_counters,
+    read_qdiscs,
+    validate_netns,
+)
 
 CONGESTION_RE = re.compile(r"^[a-z0-9_]+$")
 LENGTH_RE = re.compile(r"^[0-9]+[KMG]?$")
@@ -383,3 +396,74 @@ def run_local_stream(run: Iperf3Run, netns_client: str | None = None, timeout: f
         tail = " | ".join(res.stderr.strip().splitlines()[-3:])
         raise Iperf3Error(f"iperf3 exited {res.rc} without output" + (f": {tail}" if tail else ""))
     return parse_iperf3(out)
+
+
+# --------------------------------------------------------------------------
+# one measured stream: iperf3 plus what the tap, its qdiscs and the kernel saw
+
+
+@dataclass(frozen=True)
+class StreamMeasurement:
+    """iperf3's result and the device's counters around it (what the agent's `stream` verb replies).
+
+    `qdiscs` are the per-qdisc deltas (root first, then per-queue children of
+    a multiqueue tap's mq); `drops` the kernel's drop counts by reason during
+    the run (lab.onhost.drops; None where the kernel cannot count them).
+    """
+
+    argv: list[str]
+    iperf3: Iperf3Result
+    dev: str | None
+    before: DeviceCounters | None
+    after: DeviceCounters | None
+    delta: CountersDelta | None
+    qdiscs: list[QdiscCounters]
+    backlog_peak: BacklogPeak | None
+    tcp: TcpCounters
+    drops: dict[str, int] | None
+    drops_error: str | None = None
+
+
+def measure_stream(
+    run: Iperf3Run,
+    dev: str | None,
+    netns: str | None = None,
+    sample_ms: float = 10.0,
+    timeout: float | None = None,
+    count_drops: bool = True,
+) -> StreamMeasurement:
+    """Run the iperf3 client here with `dev`'s counters, qdisc backlog and drop reasons around it."""
+    from lab.onhost import drops as drop_reasons
+
+    argv = local_stream_argv(run, netns)
+    sampler = BacklogSampler(dev, sample_ms, netns) if dev and sample_ms > 0 else None
+    before = read_counters(dev, netns) if dev else None
+    qd_before = read_qdiscs(dev, netns) if dev else []
+    tcp_before = read_tcp_counters(netns)
+    counter = drop_reasons.DropCounter() if count_drops and netns is None else None
+    with counter if counter is not None else contextlib.nullcontext():
+        if sampler is not None:
+            sampler.start()
+        try:
+            result = run_local_stream(run, netns, timeout=timeout)
+        finally:
+            # the sampler thread must end whatever iperf3 did
+            peak = sampler.stop() if sampler is not None else None
+    tcp = tcp_delta(tcp_before, read_tcp_counters(netns))
+    after = read_counters(dev, netns) if dev else None
+    qd_after = read_qdiscs(dev, netns) if dev else []
+    old = {(q.kind, q.handle, q.parent): q for q in qd_before}
+    qdiscs = [qdisc_delta(old[(q.kind, q.handle, q.parent)], q) if (q.kind, q.handle, q.parent) in old else q for q in qd_after]
+    return StreamMeasurement(
+        argv=argv,
+        iperf3=result,
+        dev=dev,
+        before=before,
+        after=after,
+        delta=delta(before, after) if before is not None and after is not None else None,
+        qdiscs=qdiscs,
+        backlog_peak=peak,
+        tcp=tcp,
+        drops=counter.counts if counter is not None else None,
+        drops_error=counter.error if counter is not None else "not counted inside a network namespace",
+    )

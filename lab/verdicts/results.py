@@ -49,6 +49,41 @@ def _norm_rtt(value: Any) -> Any:
 # --------------------------------------------------------------------------- cell results
 
 
+@dataclass(frozen=True, order=True)
+class Point:
+    """What a cell measures, whatever its kernel and repeat: stock and nodrop are compared per point.
+
+    kind "iperf3" (TCP host -> guest, `streams` flows) or "pktgen" (`threads`
+    senders through the qdisc); `queues` the guest NIC's queue pairs; `qdisc`
+    the tap's root qdisc ("default": the kernel's own).
+    """
+
+    kind: str
+    backend: str
+    txqueuelen: int
+    rtt_ms: float
+    streams: int = 1
+    queues: int = 1
+    qdisc: str = "default"
+    threads: int = 0
+
+    def label(self) -> str:
+        """Short and stable: "qlen1000", "rtt60", "qlen1000 P8 Q4", "pktgen qlen1000 noqueue T4"."""
+        head = f"rtt{self.rtt_ms:g}" if self.rtt_ms else f"qlen{self.txqueuelen}"
+        if self.rtt_ms and self.txqueuelen != 1000:
+            head += f" q{self.txqueuelen}"
+        parts = (["pktgen"] if self.kind == "pktgen" else []) + [head]
+        if self.streams != 1:
+            parts.append(f"P{self.streams}")
+        if self.queues != 1:
+            parts.append(f"Q{self.queues}")
+        if self.qdisc != "default":
+            parts.append(self.qdisc)
+        if self.threads:
+            parts.append(f"T{self.threads}")
+        return " ".join(parts)
+
+
 @dataclass
 class CellResult:
     """One attempt of one matrix cell: exactly the stable keys of results.jsonl.
@@ -64,6 +99,11 @@ class CellResult:
     txqueuelen: int
     rtt_ms: float
     repeat: int = 1
+    kind: str = "iperf3"
+    streams: int = 1
+    queues: int = 1
+    qdisc: str = "default"
+    threads: int = 0
     status: str = STATUS_OK
     error: str | None = None
     throughput_mbps: float | None = None
@@ -79,6 +119,18 @@ class CellResult:
     measured_rtt_ms: float | None = None
     cpu_sender_pct: float | None = None
     cpu_receiver_pct: float | None = None
+    # drops by reason (skb:kfree_skb); ring_drops = FULL_RING, the tap's ptr_ring tail drop
+    ring_drops: int | None = None
+    drop_reasons: dict[str, int] | None = None
+    # per tx queue of a multiqueue tap: the mq root's children (parent, drops, requeues, sent)
+    queue_stats: list[dict[str, Any]] | None = None
+    # pktgen cells: what the senders sent, what the guest's NIC received
+    pktgen_sent: int | None = None
+    pktgen_errors: int | None = None
+    pktgen_pps: float | None = None
+    guest_rx_packets: int | None = None
+    guest_rx_pps: float | None = None
+    pktgen_lost: int | None = None
     accel: str | None = None
     host_accel: str | None = None
     kernel_recipe: str | None = None
@@ -86,9 +138,28 @@ class CellResult:
     duration_s: float | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    # where and how: the host, its boot (cells of one boot compare without boot-to-boot noise),
+    # whose modules ran, the cell's place in run order, attempts and the host crashes they met
+    host: str | None = None
+    boot_id: str | None = None
+    modules_loaded: dict[str, Any] | None = None
+    order: int | None = None
+    attempts: int = 1
+    host_crashes: list[dict[str, Any]] = field(default_factory=list)
     commands: list[list[str]] = field(default_factory=list)
     console_log: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def point(self) -> Point:
+        """The comparison point this cell measured."""
+        return Point(self.kind, self.backend, self.txqueuelen, _norm_rtt(self.rtt_ms), self.streams, self.queues, self.qdisc,
+                     self.threads)
+
+    @property
+    def value(self) -> float | None:
+        """The number comparisons use: Mbit/s for iperf3, packets/s sent for pktgen."""
+        return self.pktgen_pps if self.kind == "pktgen" else self.throughput_mbps
 
     @property
     def ok(self) -> bool:
@@ -120,8 +191,10 @@ class CellResult:
             known["status"] = STATUS_ERROR if data.get("error") else STATUS_OK
         if known.get("repeat") is None:
             known["repeat"] = 1
-        if known.get("commands") is None:
-            known["commands"] = []
+        for key, default in (("commands", []), ("host_crashes", []), ("attempts", 1), ("kind", "iperf3"), ("streams", 1),
+                             ("queues", 1), ("qdisc", "default"), ("threads", 0)):
+            if known.get(key) is None:
+                known[key] = default
         known["rtt_ms"] = _norm_rtt(known["rtt_ms"])
         extra = {k: v for k, v in data.items() if k not in _STABLE_SET}
         return cls(**known, extra=extra)
@@ -193,67 +266,93 @@ class RunMeta:
 
 @dataclass(frozen=True)
 class Stat:
-    """Summary of one measured quantity over the ok repeats of a cell group."""
+    """Summary of one measured quantity over the ok repeats of a cell group (values in run order)."""
 
     n: int
     median: float
     min: float
     max: float
     sum: float
+    values: tuple[float, ...] = ()
 
     @classmethod
     def of(cls, values: Iterable[float | int | None]) -> Stat | None:
         """Stat over the non-None values, or None when nothing was measured."""
-        vals = [v for v in values if v is not None]
+        vals = [float(v) for v in values if v is not None]
         if not vals:
             return None
-        return cls(n=len(vals), median=statistics.median(vals), min=min(vals), max=max(vals), sum=sum(vals))
+        return cls(n=len(vals), median=statistics.median(vals), min=min(vals), max=max(vals), sum=sum(vals), values=tuple(vals))
+
+    @property
+    def cv(self) -> float | None:
+        """Coefficient of variation (sample stdev / mean): the noise a reader should see; None below 2 values."""
+        if self.n < 2:
+            return None
+        mean = self.sum / self.n
+        return statistics.stdev(self.values) / mean if mean else None
 
 
 @dataclass(frozen=True)
 class CellSummary:
-    """All repeats of one (kernel, backend, txqueuelen, rtt_ms) point, aggregated.
+    """All repeats of one (kernel, point), aggregated.
 
     Statistics are over the ok repeats only (an errored attempt's counters are
-    partial); `errors` keeps "<cell id>: <error>" of the errored ones.
+    partial); `errors` keeps "<cell id>: <error>" of the errored ones. `boots`
+    and `hosts` say where the repeats were measured.
     """
 
     kernel: str
-    backend: str
-    txqueuelen: int
-    rtt_ms: float
+    point: Point
     cell_ids: tuple[str, ...]
     n_ok: int
     n_error: int
     errors: tuple[str, ...]
-    throughput_mbps: Stat | None
-    retransmits: Stat | None
-    host_retrans_segs: Stat | None
-    tcp_out_segs: Stat | None
-    tap_tx_dropped: Stat | None
-    tap_tx_packets: Stat | None
-    qdisc_drops: Stat | None
-    qdisc_requeues: Stat | None
-    qdisc_overlimits: Stat | None
-    qdisc_backlog_peak: Stat | None
-    measured_rtt_ms: Stat | None
-    cpu_sender_pct: Stat | None
-    cpu_receiver_pct: Stat | None
+    stats: dict[str, Stat]
     accel: tuple[str, ...]
     host_accel: tuple[str, ...]
+    boots: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    attempts: int = 0  # over all repeats: > n_ok + n_error when cells were retried
+    crashes: int = 0
+
+    def __getattr__(self, name: str) -> Stat | None:
+        # s.throughput_mbps, s.tap_tx_dropped, ...: the Stat of that quantity (None: not measured)
+        if name in STAT_FIELDS:
+            return self.stats.get(name)
+        raise AttributeError(name)
 
     @property
-    def key(self) -> tuple[str, str, int, float]:
-        """(kernel, backend, txqueuelen, rtt_ms)."""
-        return (self.kernel, self.backend, self.txqueuelen, self.rtt_ms)
+    def backend(self) -> str:
+        """The point's backend."""
+        return self.point.backend
+
+    @property
+    def txqueuelen(self) -> int:
+        """The point's txqueuelen."""
+        return self.point.txqueuelen
+
+    @property
+    def rtt_ms(self) -> float:
+        """The point's netem RTT."""
+        return self.point.rtt_ms
+
+    @property
+    def key(self) -> tuple[str, Point]:
+        """(kernel, point)."""
+        return (self.kernel, self.point)
+
+    @property
+    def value(self) -> Stat | None:
+        """What comparisons use: throughput (iperf3) or packets/s sent (pktgen)."""
+        return self.stats.get("pktgen_pps" if self.point.kind == "pktgen" else "throughput_mbps")
 
     @property
     def label(self) -> str:
-        """Short human name, e.g. "nodrop qlen1 rtt0"."""
-        return f"{self.kernel} qlen{self.txqueuelen} rtt{self.rtt_ms:g}"
+        """Short human name, e.g. "nodrop qlen1", "stock rtt60"."""
+        return f"{self.kernel} {self.point.label()}"
 
 
-_STAT_FIELDS = (
+STAT_FIELDS = (
     "throughput_mbps",
     "retransmits",
     "host_retrans_segs",
@@ -267,6 +366,13 @@ _STAT_FIELDS = (
     "measured_rtt_ms",
     "cpu_sender_pct",
     "cpu_receiver_pct",
+    "ring_drops",
+    "pktgen_sent",
+    "pktgen_errors",
+    "pktgen_pps",
+    "guest_rx_packets",
+    "guest_rx_pps",
+    "pktgen_lost",
 )
 
 
@@ -279,11 +385,12 @@ def _latest_by_id(results: Iterable[CellResult]) -> dict[str, CellResult]:
 
 
 def aggregate(results: Iterable[CellResult]) -> list[CellSummary]:
-    """Group cell results per (kernel, backend, txqueuelen, rtt_ms) and summarise repeats.
+    """Group cell results per (kernel, point) and summarise repeats.
 
     Only the latest attempt of each cell id counts (an error followed by a
     successful --resume re-run is one ok cell, not one ok and one error).
-    Groups come out in the order their first cell appears in `results`.
+    Groups come out in the order their first cell appears in `results`; the
+    values of a Stat are in run order (the `order` field when cells have one).
     """
     results = list(results)
     first_seen: dict[str, int] = {}
@@ -293,26 +400,28 @@ def aggregate(results: Iterable[CellResult]) -> list[CellSummary]:
 
     groups: dict[tuple[Any, ...], list[CellResult]] = {}
     for r in latest:
-        groups.setdefault((r.kernel, r.backend, r.txqueuelen, _norm_rtt(r.rtt_ms)), []).append(r)
+        groups.setdefault((r.kernel, r.point), []).append(r)
 
     out: list[CellSummary] = []
-    for (kernel, backend, qlen, rtt), rs in groups.items():
-        ok = [r for r in rs if r.ok]
+    for (kernel, point), rs in groups.items():
+        ok = sorted((r for r in rs if r.ok), key=lambda r: (r.order is None, r.order or 0))
         bad = [r for r in rs if not r.ok]
-        stats = {name: Stat.of(getattr(r, name) for r in ok) for name in _STAT_FIELDS}
+        stats = {name: st for name in STAT_FIELDS if (st := Stat.of(getattr(r, name) for r in ok)) is not None}
         out.append(
             CellSummary(
                 kernel=kernel,
-                backend=backend,
-                txqueuelen=qlen,
-                rtt_ms=rtt,
+                point=point,
                 cell_ids=tuple(r.cell for r in rs),
                 n_ok=len(ok),
                 n_error=len(bad),
                 errors=tuple(f"{r.cell}: {r.error or r.status}" for r in bad),
+                stats=stats,
                 accel=tuple(sorted({r.accel for r in ok if r.accel})),
                 host_accel=tuple(sorted({r.host_accel for r in ok if r.host_accel})),
-                **stats,
+                boots=tuple(dict.fromkeys(r.boot_id for r in ok if r.boot_id)),
+                hosts=tuple(dict.fromkeys(r.host for r in ok if r.host)),
+                attempts=sum(r.attempts for r in rs),
+                crashes=sum(len(r.host_crashes) for r in rs),
             )
         )
     return out

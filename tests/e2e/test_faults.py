@@ -258,8 +258,9 @@ def test_kill9_during_up_then_down_leaves_nothing(vhr, lab_files, workdir, tmp_p
 @slow
 def test_hung_guest_is_bounded_then_crash_is_seen(vhr, lab_files, workdir):
     from lab.config import load_config
-    from lab.lifecycle import LabContext, guest_ssh_endpoint
     from lab.hosts.remote import ABORT_GRACE_S, SshRunner
+    from lab.lifecycle import guest_ssh_endpoint
+    from lab.session import LabContext
 
     t0 = time.monotonic()
     vhr("up", timeout=1200)
@@ -347,7 +348,8 @@ def test_hung_guest_is_bounded_then_crash_is_seen(vhr, lab_files, workdir):
 def vhr_host(vhr, lab_files, workdir):
     """Lab "vhr" with its lab host only (lifecycle.up_host: no guest), in this process."""
     from lab.config import load_config
-    from lab.lifecycle import LabContext, down, up_host
+    from lab.lifecycle import down
+    from lab.session import LabContext, up_host
 
     ctx = LabContext.open(load_config(lab_files["vhr"]))
     t0 = time.monotonic()
@@ -710,8 +712,8 @@ def _runs_of(workdir: Path, config: Path) -> list[Path]:
 
 @slow
 def test_matrix_kill9_then_resume_records_every_cell_once(vhr, workdir, tmp_path):
-    from lab.measure.cells import expand
     from lab.config import load_config
+    from lab.measure.cells import expand
     from lab.verdicts.results import RunStore
 
     config = make_lab_toml(tmp_path, LAB, extra=FAULTS_PROFILE)

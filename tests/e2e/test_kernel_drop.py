@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 def kernel_lab(tmp_path_factory, e2e_ready):
     """A lab "vhk" whose host lab1 is rebooted per kernel; down afterwards."""
     from lab.config import load_config
-    from lab.lifecycle import LabContext, down
+    from lab.lifecycle import down
+    from lab.session import LabContext
 
     ctx = LabContext.open(load_config(make_lab_toml(tmp_path_factory.mktemp("lab"), "vhk")))
     yield ctx
@@ -28,7 +29,7 @@ def kernel_lab(tmp_path_factory, e2e_ready):
 
 
 def _droptest(ctx, kernel: str, txqueuelen: int) -> dict:
-    from lab.lifecycle import up_host
+    from lab.session import up_host
 
     host = up_host(ctx, ctx.cfg.hosts["lab1"], kernel=kernel)
     probe = host.probe()

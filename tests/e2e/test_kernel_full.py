@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.kernel_full]
 
 def test_full_nodrop_kernel_boots_and_holds_back(tmp_path, e2e_ready):
     from lab.config import load_config
-    from lab.lifecycle import LabContext, down, up_host
+    from lab.lifecycle import down
+    from lab.session import LabContext, up_host
 
     ctx = LabContext.open(load_config(make_lab_toml(tmp_path, "vhf")))
     try:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.errors import ConfigError, LabError
 from lab.artifacts.image import build_image, load_recipe
+from lab.errors import ConfigError, LabError
 from lab.hosts.sshkeys import ensure_keypair
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,8 +22,8 @@ from netns_helpers import (
     tap_reader_holder,
 )
 
-from lab.onhost import net
 from lab.errors import MissingPiece
+from lab.onhost import net
 
 pytestmark = [pytest.mark.integration, needs_root]
 

@@ -51,6 +51,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="continue run RUN (id, unique prefix, 'latest' or path): only missing/errored cells run")
     g.addoption("--keep", action="store_true", default=False, help="leave the lab host running at the end")
     g.addoption("--lab-config", default=None, metavar="PATH", help="lab.toml to use (default: $LAB_CONFIG, ./lab.toml)")
+    g.addoption("--aa", action="store_true", default=False, help="an A/A control: the baseline kernel against a copy of itself")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -90,6 +91,7 @@ class Selection:
     cell_ids: list[str] = field(default_factory=list)
     property_names: list[str] = field(default_factory=list)
     resume: str | None = None
+    aa: bool = False
 
 
 SELECTION = pytest.StashKey[Selection]()
@@ -104,30 +106,36 @@ def selection(config: pytest.Config) -> Selection:
     if not requested(config):
         sel = Selection(requested=False)
     else:
-        from lab.measure.cells import expand
         from lab.config import load_config
         from lab.errors import LabError
-        from lab.measure.matrix import matrix_spec, property_names
+        from lab.measure.cells import arms_of
+        from lab.measure.matrix import arms_from_meta, matrix_spec, planned_cells, property_names
         from lab.verdicts.results import RunStore, resolve_run
 
         try:
             cfg = load_config(_opt(config, "lab_config"))
             name, profile, resume = _opt(config, "matrix", "vhost-matrix"), _opt(config, "profile"), _opt(config, "resume")
+            aa = bool(_opt(config, "aa", False))
+            arms = None
             if resume:
                 meta = RunStore(resolve_run(cfg.workdir, resume)).read_meta()
                 if name != meta.matrix and name == "vhost-matrix":
                     name = meta.matrix  # the default name gives way to the resumed run's matrix
                 profile = profile or meta.profile
+                arms = arms_from_meta(meta) or None
+                aa = bool(meta.extra.get("aa"))
             spec = matrix_spec(cfg, name, profile)
+            arms = arms or arms_of(spec, aa=aa)
         except LabError as e:
             raise pytest.UsageError(f"vhost-lab matrix: {e}") from None
         sel = Selection(
             requested=True,
             cfg=cfg,
             spec=spec,
-            cell_ids=[c.id for c in expand(spec)],
+            cell_ids=[c.id for c in planned_cells(cfg, spec, arms)],
             property_names=property_names(spec.backends, cfg.expectations),
             resume=resume,
+            aa=aa,
         )
     config.stash[SELECTION] = sel
     return sel
@@ -164,12 +172,17 @@ def cannot_run() -> str | None:
     return None
 
 
-def _progress(step) -> None:
+def _progress(event) -> None:
     # Boot steps tick every second; log each new step once (pytest shows it with
-    # -o log_cli=true, and in the report of a failed test).
-    if step.key != getattr(_progress, "last", None) or step.warning:
-        _progress.last = step.key  # type: ignore[attr-defined]
-        log.info("%s", step.text())
+    # -o log_cli=true, and in the report of a failed test), and every other event.
+    from lab.events import Step
+
+    if isinstance(event, Step):
+        if event.key != getattr(_progress, "last", None) or event.warning:
+            _progress.last = event.key  # type: ignore[attr-defined]
+            log.info("%s", event.text())
+    else:
+        log.info("%s", event)
 
 
 @dataclass
@@ -177,7 +190,7 @@ class MatrixSession:
     """A matrix run driven by pytest: the runner, and the outcome once finished."""
 
     runner: Any  # lab.measure.matrix.MatrixRunner
-    ctx: Any  # lab.lifecycle.LabContext
+    ctx: Any  # lab.session.LabContext
     keep: bool
     t0: float
     started_at: str
@@ -206,13 +219,13 @@ def matrix_run(request: pytest.FixtureRequest):
     why = cannot_run()
     if why:
         pytest.skip(why)
-    from lab.lifecycle import LabContext
     from lab.measure.matrix import MatrixRunner, open_run
+    from lab.session import LabContext
     from lab.verdicts.results import now_iso
 
     t0, at = time.monotonic(), now_iso()
     ctx = LabContext.open(sel.cfg)
-    spec, store = open_run(ctx, sel.spec.name, sel.spec.profile, sel.resume, argv=sys.argv)
+    spec, store = open_run(ctx, sel.spec.name, sel.spec.profile, sel.resume, argv=sys.argv, aa=sel.aa and not sel.resume)
     runner = MatrixRunner(ctx, spec, store, _progress)
     done = {r.cell: r for r in store.load().latest() if r.ok}
     state = MatrixSession(runner, ctx, bool(_opt(config, "keep", False)), t0, at, done)
@@ -242,7 +255,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     from rich.console import Console
 
     from lab.measure.matrix import summary_line
-    from lab.verdicts.report import render
+    from lab.verdicts.report import ReportContext, render
 
     o = state.outcome
     exp = state.ctx.cfg.expectations
@@ -254,7 +267,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         force_terminal=bool(getattr(terminalreporter, "hasmarkup", False)),
         highlight=False,
     )
-    render(o.run_data, o.properties, console, kernels=(exp.stock_kernel, exp.nodrop_kernel))
+    render(o.run_data, o.properties, console, rc=ReportContext(None, exp.same_tolerance, exp.confidence))
     console.print(summary_line(o))
     console.print(f"run directory: {o.run_dir}")
     if o.stopped or any(not r.ok for r in o.run_data.latest()) or o.run_data.missing_ids():

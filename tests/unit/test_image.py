@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from lab.artifacts import image
-from lab.errors import ConfigError, LabError
 from lab.artifacts.image import (
     GuestImage,
     ImageRecipe,
@@ -22,6 +21,7 @@ from lab.artifacts.image import (
     image_key,
     load_recipe,
 )
+from lab.errors import ConfigError, LabError
 from lab.hosts.sshkeys import ensure_keypair
 
 REPO = Path(__file__).resolve().parents[2]

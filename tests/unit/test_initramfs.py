@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from lab.artifacts import initramfs
-from lab.errors import MissingPiece
 from lab.artifacts.initramfs import InitramfsSpec, build_initramfs, cached_initramfs, resolve_modules
+from lab.errors import MissingPiece
 from lab.hosts.nested import LABHOST_MODULES
 
 RELEASE = "6.12.117+deb12-amd64"

@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 
 from lab.artifacts import kernel
-from lab.errors import LabError
-from lab.hosts.host import HostRuntime
 from lab.artifacts.kernel import (
     MANIFEST,
     KernelArtifact,
@@ -34,6 +32,8 @@ from lab.artifacts.kernel import (
     touched_paths,
 )
 from lab.config import KernelRecipe
+from lab.errors import LabError
+from lab.hosts.host import HostRuntime
 from lab.hosts.nested import KernelBoot, artifact_build_ids
 from lab.onhost.probe import module_file_build_id
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.onhost import probe
 from lab.hosts.nested import artifact_build_ids
+from lab.onhost import probe
 from lab.onhost.probe import LAB_MODULES, KernelFacts, build_id_from_notes, module_file_build_id, probe_kernel
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,8 +6,6 @@ import re
 import shlex
 import socket
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest

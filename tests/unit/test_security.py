@@ -123,10 +123,11 @@ def test_interrupted_generation_leaves_no_key(tmp_path):
 @needs_keygen
 def test_run_directory_holds_no_private_key_material(tmp_path):
     """A run written the way lab.measure.matrix writes one, by a lab whose key pair exists."""
-    from lab.measure.cells import expand
-    from lab.lifecycle import LabContext
-    from lab.measure.matrix import cell_result_from_stream, describe_error, error_result, open_run
     from lab.hosts.remote import SshEndpoint
+    from lab.measure.cells import expand
+    from lab.measure.matrix import Where, cell_result_from_stream, describe_error, error_result, open_run
+    from tests.helpers import stream_measurement
+    from lab.session import LabContext
     from lab.verdicts.results import RunStore
 
     recipe = tmp_path / "recipe.toml"
@@ -171,17 +172,15 @@ nodrop_kernel = "nodrop"
     host_ep = SshEndpoint("127.0.0.1", 40000, "root", ctx.key.private)
     guest_ep = SshEndpoint("10.99.1.2", 22, "root", ctx.key.private, jump=host_ep)
     cells = expand(spec)
+    where = Where(host="lab1", boot_id="lab1@1", host_accel="tcg", kernel_recipe="stock", kernel_release="6.12.117+deb12-amd64")
     for i, cell in enumerate(cells):
         commands = [guest_ep.ssh_argv(["iperf3", "-s", "-D"]), host_ep.ssh_argv(["tc", "qdisc", "show"])]
         if i % 2:
             exc = CommandFailed(["iperf3", "-s"], 255, "", "Permission denied (publickey).\nssh: connect failed", "root@10.99.1.2")
-            r = error_result(cell, describe_error(exc, "guest"), host_facts=meta.hosts["lab1/stock"], started_at="x",
-                             finished_at="y", commands=commands)
+            r = error_result(cell, describe_error(exc, "guest"), where, started_at="x", finished_at="y", commands=commands)
         else:
-            reply = {"fields": {"throughput_mbps": 400.0, "retransmits": 3}, "argv": ["iperf3", "-c", "10.99.1.2", "-J"],
-                     "iperf3": {"seconds": 5.0}}
-            r = cell_result_from_stream(cell, reply, host_facts=meta.hosts["lab1/stock"], started_at="x", finished_at="y",
-                                        commands=commands)
+            m = stream_measurement(400.0, retransmits=3, seconds=5.0)
+            r = cell_result_from_stream(cell, m, where, started_at="x", finished_at="y", commands=commands)
         store.append(r)
 
     files = [p for p in store.run_dir.rglob("*") if p.is_file()]

@@ -25,12 +25,14 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from lab.onhost import agent, traffic
 from lab.config import ConfigError, loads_config
-from lab.hosts.domains import GuestDomain, LabHostDomain, SharedDir, guest_xml, labhost_xml
 from lab.errors import LabError
-from lab.measure.matrix import agent_netem_args, guest_netem_argv
+from lab.hosts.domains import GuestDomain, LabHostDomain, SharedDir, guest_xml, labhost_xml
 from lab.hosts.remote import SshEndpoint, quote_argv
+from lab.hosts.agent_client import AgentClient
+from lab.measure.matrix import guest_netem_argv
+from lab.onhost.net import NetemDelay
+from lab.onhost import agent, traffic
 
 REPO = Path(__file__).resolve().parents[2]
 LAB_SRC = REPO / "lab"
@@ -380,7 +382,14 @@ def _agent_parse(args: list[str]):
 @example(tap="--netns=evil", delay=None)
 @example(tap="-5", delay=None)
 def test_agent_netem_args_deliver_the_tap_or_are_refused(tap, delay):
-    args = agent_netem_args(tap, delay, 1000)
+    sent: list[list[str]] = []
+
+    def record(args, timeout):
+        sent.append(list(args))
+        return {"kind": "netem"}
+
+    AgentClient(record).set_netem(tap, None if delay is None else NetemDelay(delay, limit=1000))
+    (args,) = sent
     # the agent request travels as one JSON line: nothing can end it early
     line = json.dumps(args)
     assert "\n" not in line and json.loads(line) == args

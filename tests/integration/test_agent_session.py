@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.onhost import agent
 from lab.errors import CommandFailed, LabError
 from lab.hosts.host import REPO_ROOT, AgentSession, LocalHost
+from lab.onhost import agent
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT_ARGV = ["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "lab.onhost.agent", "serve"]
@@ -145,6 +145,18 @@ def test_serve_subprocess_ends_when_stdin_closes() -> None:
     assert [("error" in r) for r in replies] == [False, True, False]
 
 
+def _some_tcp_segments() -> None:
+    """Send a few TCP segments over loopback (this namespace's counters must move)."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        with socket.create_connection(srv.getsockname(), timeout=5) as c:
+            peer, _ = srv.accept()
+            with peer:
+                c.sendall(b"x" * 4096)
+                peer.recv(4096)
+
+
 def test_agent_session_local_calls_and_close() -> None:
     session = AgentSession.local(AGENT_ARGV)
     try:
@@ -155,8 +167,10 @@ def test_agent_session_local_calls_and_close() -> None:
         assert first["release"] == platform.release()
         err = session.call(["tap-create"], timeout=60)
         assert "--name" in err["error"] and err["type"]
-        second = session.call(["tcp-counters"], timeout=60)
-        assert second["out_segs"] >= 0
+        before = session.call(["tcp-counters"], timeout=60)
+        _some_tcp_segments()
+        after = session.call(["tcp-counters"], timeout=60)
+        assert after["out_segs"] > before["out_segs"], (before, after)
         assert session.alive()
     finally:
         session.close()
@@ -202,17 +216,18 @@ def test_local_host_agent_probe_reuses_one_session() -> None:
     host = LocalHost(name="local")
     assert host.python()[:2] == ["env", f"PYTHONPATH={REPO_ROOT}"]
     try:
-        data = host.agent(["probe"])
-        assert data["release"] == platform.release()
+        assert host.agent.probe().release == platform.release()
         pids = _children_running("lab.onhost.agent serve")
         assert len(pids) == 1
-        assert host.agent(["tcp-counters"])["out_segs"] >= 0
+        before = host.agent.tcp_counters()
+        _some_tcp_segments()
+        assert host.agent.tcp_counters().out_segs > before.out_segs
         assert _children_running("lab.onhost.agent serve") == pids, "the same agent answered both calls"
         p = host.probe()
         assert (p.name, p.provider, p.release) == ("local", "local", platform.release())
         assert p.tun == Path("/dev/net/tun").exists()
         with pytest.raises(LabError) as ei:
-            host.agent(["frobnicate"])
+            host.call(["frobnicate"])
         assert ei.value.message.startswith("local: lab agent frobnicate: ")
         assert _children_running("lab.onhost.agent serve") == pids, "an error reply does not cost the session"
     finally:
@@ -235,7 +250,7 @@ def test_local_host_agent_timeout_replaces_session() -> None:
     try:
         t0 = time.monotonic()
         with pytest.raises(LabError, match=r"deaf: lab agent probe did not answer in 1s"):
-            host.agent(["probe"], timeout=1.0)
+            host.call(["probe"], timeout=1.0)
         assert time.monotonic() - t0 < 4
         assert _children_running("sleep 60") == [], "the hung agent was killed"
         assert host._agent_session is None  # replaced on the next call
@@ -247,7 +262,7 @@ def test_local_host_agent_that_exits_is_an_error_not_host_gone() -> None:
     host = _DeafLocalHost(name="flaky", agent_argv=(sys.executable, "-c", "import sys; sys.stdin.readline()"))
     try:
         with pytest.raises(LabError, match=r"flaky: lab agent probe: EOFError") as ei:
-            host.agent(["probe"], timeout=30)
+            host.call(["probe"], timeout=30)
         assert type(ei.value) is LabError  # the host itself answers `true`: not HostGone
     finally:
         host.close()

@@ -1,0 +1,456 @@
+"""A lab session: one host of a lab and the guests on it, kept in the state a run asks for.
+
+    ctx = LabContext.open(cfg)
+    session = LabSession(ctx, cfg.hosts["lab1"], emit)
+    host = session.kernel("nodrop")          # boot, reuse, or swap modules in the running boot
+    guest = session.guest(plan)              # boot (or reuse) a guest with this NIC
+    ...
+    session.close()                          # destroy what this session started
+
+The matrix runner (lab.measure.matrix) and `lab up` (lab.lifecycle) share it,
+so hosts, guests and module swaps have one owner, and the runner only plans,
+measures and records.
+
+Same boot, other kernel: two "modules" recipes on the same Debian base differ
+only in tun, tap, vhost and vhost_net, so `kernel()` moves a running lab host
+from one to the other without a reboot: the guest (whose QEMU holds the
+modules) and the lab's taps go, the modules are swapped and checked by GNU
+build-id (lab.onhost.modules), and the next `guest()` boots a fresh guest.
+That removes lab-host-boot-to-boot noise from stock-vs-patched comparisons.
+Recipes that cannot share a boot (another base, "full") get a boot of their
+own, and `boot_key` tells the runner which is which.
+
+A host that dies (an oops under TCG, sysrq c in a test) is seen through its
+console: `crash()` gives the report, `forget_host()` drops every handle on
+it, and the next `kernel()` boots a new one. A session destroys only what it
+started (`close`): a `lab up` that fails leaves the hosts and guests that were
+running before it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lab.config import GuestSpec, HostSpec, LabConfig
+from lab.errors import ConfigError, HostCrashed, HostGone, LabError
+from lab.events import Emit, GuestBooted, HostBooted, ModulesSwapped, Progress, Step, quiet
+from lab.guests import GuestPlan, RunningGuest, boot_guest, destroy_guest, list_lab_guests
+from lab.hosts.console import read_oops
+from lab.hosts.host import Host, LocalHost, SshHost
+from lab.hosts.nested import KernelBoot, artifact_build_ids, boot_host, destroy_host, find_host
+from lab.hosts.sshkeys import SshKeyPair, ensure_keypair
+from lab.onhost.modules import params_from_cmdline
+from lab.paths import LabPaths
+
+
+@dataclass
+class LabContext:
+    """A loaded lab with its paths and key: what every command starts from."""
+
+    cfg: LabConfig
+    paths: LabPaths
+    key: SshKeyPair
+    hosts: dict[str, Host] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, cfg: LabConfig) -> LabContext:
+        """Prepare the workdir and the lab's key pair."""
+        paths = LabPaths(cfg.workdir, cfg.name)
+        paths.lab_dir.mkdir(parents=True, exist_ok=True)
+        return cls(cfg, paths, ensure_keypair(cfg.workdir, cfg.name))
+
+    def close(self) -> None:
+        """Release every host connection."""
+        for h in self.hosts.values():
+            h.close()
+        self.hosts.clear()
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def kernel_boot(ctx: LabContext, recipe_name: str, progress: Progress = quiet) -> KernelBoot:
+    """The kernel artifact for a recipe, built if missing."""
+    from lab.artifacts.kernel import build_kernel
+
+    recipe = ctx.cfg.kernels[recipe_name]
+    art = build_kernel(recipe, ctx.cfg.workdir, progress=progress, timeout=ctx.cfg.timeouts.build)
+    return KernelBoot.from_artifact(art, cmdline=recipe.cmdline)
+
+
+def guest_kernel(ctx: LabContext, progress: Progress = quiet) -> KernelBoot:
+    """The kernel guests boot: the stock recipe's (guests are not under test)."""
+    return kernel_boot(ctx, ctx.cfg.expectations.stock_kernel, progress)
+
+
+def guest_image(ctx: LabContext, image_name: str, progress: Progress = quiet) -> Path:
+    """The base disk of an image recipe, built if missing."""
+    from lab.artifacts.image import build_image
+
+    ref = ctx.cfg.images[image_name]
+    img = build_image(ref.recipe, ctx.cfg.workdir, ctx.key.public_key_text(), progress=progress, timeout=ctx.cfg.timeouts.build)
+    return img.path
+
+
+def guest_plan(
+    ctx: LabContext,
+    spec: GuestSpec,
+    backend: str | None = None,
+    txqueuelen: int | None = None,
+    queues: int | None = None,
+    progress: Progress = quiet,
+) -> GuestPlan:
+    """Resolve a guest's config into a bootable plan (building artifacts)."""
+    kb = guest_kernel(ctx, progress)
+    return GuestPlan(
+        name=spec.name,
+        index=spec.index,
+        vcpus=spec.vcpus,
+        memory_mib=spec.memory_mib,
+        backend=backend or spec.net.backend,
+        txqueuelen=txqueuelen or spec.net.txqueuelen,
+        tap=spec.net.tap,
+        image=guest_image(ctx, spec.image, progress),
+        kernel=kb.vmlinuz,
+        modules_dir=kb.modules_root / "lib" / "modules" / kb.release,
+        queues=queues or spec.net.queues,
+    )
+
+
+def boot_key(cfg: LabConfig, recipe: str) -> str:
+    """Recipes with the same key can share one lab host boot (module swap); others cannot."""
+    r = cfg.kernels[recipe]
+    if r.strategy == "modules" and r.debian_version:
+        return f"debian:{r.debian_version}"
+    return f"{r.strategy}:{r.name}"
+
+
+# --------------------------------------------------------------------------- hosts
+
+
+def connect_host(ctx: LabContext, spec: HostSpec) -> Host | None:
+    """The running host for `spec` (None when a nested host is not up)."""
+    if spec.name in ctx.hosts:
+        return ctx.hosts[spec.name]
+    host: Host | None
+    timeout = ctx.cfg.timeouts.command
+    if spec.provider == "nested":
+        host = find_host(ctx.paths, spec.name, ctx.key.private, timeout)
+    elif spec.provider == "local":
+        host = LocalHost(name=spec.name, command_timeout=timeout)
+    else:
+        host = SshHost(name=spec.name, uri=spec.uri, address=spec.address, user=spec.user or "root", key=ctx.key.private,
+                       port=spec.ssh_port or 22, command_timeout=timeout)
+    if host is not None:
+        ctx.hosts[spec.name] = host
+    return host
+
+
+def up_host(ctx: LabContext, spec: HostSpec, kernel: str | None = None, progress: Progress = quiet) -> Host:
+    """Make host `spec` run (on `kernel`, default its own); reuse it when it already does."""
+    if spec.provider == "local":
+        host = LocalHost(name=spec.name, command_timeout=ctx.cfg.timeouts.command)
+        host.require_usable()
+        ctx.hosts[spec.name] = host
+        return host
+    if spec.provider == "ssh":
+        host = connect_host(ctx, spec)
+        assert host is not None
+        problems = host.probe().problems()
+        if problems:
+            raise LabError(f"host {spec.name} ({spec.address}) cannot run guests: " + "; ".join(problems))
+        return host
+    recipe = kernel or spec.kernel
+    if recipe is None:
+        raise ConfigError(f"hosts.{spec.name}.kernel", "a nested host needs a kernel recipe")
+    kb = kernel_boot(ctx, recipe, progress)
+    old = ctx.hosts.pop(spec.name, None)
+    if old is not None:
+        old.close()
+    host = boot_host(
+        ctx.paths,
+        spec.name,
+        kb,
+        spec.vcpus,
+        spec.memory_mib,
+        ctx.key.private,
+        ctx.key.public_key_text(),
+        ssh_port=spec.ssh_port,
+        boot_timeout=ctx.cfg.timeouts.host_boot,
+        command_timeout=ctx.cfg.timeouts.command,
+        progress=progress,
+    )
+    ctx.hosts[spec.name] = host
+    return host
+
+
+# --------------------------------------------------------------------------- the session
+
+
+@dataclass
+class HostState:
+    """The running host as the session knows it."""
+
+    host: Host
+    booted_recipe: str  # the kernel artifact the host booted (or the label of a local/ssh host)
+    modules_recipe: str  # whose tun/tap/vhost/vhost_net run now (a swap changes this, not booted_recipe)
+    arm: str  # the arm (lab.measure.cells.Arm name) those modules serve; an A/A control has two per recipe
+    boot_id: str  # "<host>@<started>": cells measured in one boot share it
+    facts: dict[str, Any]
+    started_here: bool
+
+
+class LabSession:
+    """One host and its guests (see the module doc). `emit` gets Steps and session events."""
+
+    def __init__(self, ctx: LabContext, host_spec: HostSpec, emit: Emit = quiet, swap: str = "reboot-guest") -> None:
+        self.ctx = ctx
+        self.spec = host_spec
+        self.emit = emit
+        self.swap_policy = swap
+        self.state: HostState | None = None
+        self.guests: dict[str, RunningGuest] = {}
+        self.started_guests: set[str] = set()
+        self.boots: list[dict[str, Any]] = []  # one entry per lab host boot this session made
+        self.swaps: list[dict[str, Any]] = []
+        self._hosts_started: set[str] = set()  # boot ids this session booted
+
+    # ---- the kernel ----------------------------------------------------------------
+    def kernel(self, recipe: str, arm: str | None = None) -> Host:
+        """The host, running `recipe`'s lab modules for `arm` (default: the recipe's name).
+
+        Reused when it already does; else the modules are swapped in the
+        running boot when they can be (same base, see `can_swap`), else a lab
+        host is booted on `recipe`. Moving to another arm of the same recipe
+        (an A/A control) swaps too, so both arms go through the same steps.
+        """
+        arm = arm or recipe
+        st = self.state
+        if st is not None and st.arm == arm and st.modules_recipe == recipe:
+            return st.host
+        if st is not None and self.can_swap(st.booted_recipe, recipe):
+            self._swap(recipe, arm)
+            return st.host
+        host = self._boot(recipe)
+        assert self.state is not None
+        self.state.arm = arm
+        return host
+
+    def adopt_or_boot(self, recipe: str | None) -> Host:
+        """`lab up`: the host as it runs (on the spec's kernel), or booted when it does not."""
+        return self.kernel(recipe or self.spec.kernel or "")
+
+    def can_swap(self, booted: str, recipe: str) -> bool:
+        """Whether a host booted on `booted` can run `recipe` by swapping modules."""
+        if self.swap_policy == "reboot-host" or self.spec.provider != "nested":
+            return False
+        return boot_key(self.ctx.cfg, booted) == boot_key(self.ctx.cfg, recipe)
+
+    def _boot(self, recipe: str) -> Host:
+        self.drop_guests(destroy=self.spec.provider != "nested")  # a nested reboot takes its guests with it
+        before = self._running_started_at()
+        t0 = time.monotonic()
+        self.emit(Step(self.spec.name, f"lab host on kernel {recipe}"))
+        host = up_host(self.ctx, self.spec, kernel=recipe, progress=self.emit)
+        rt = getattr(host, "runtime", None)
+        started = getattr(rt, "started_at", None)
+        booted_here = self.spec.provider == "nested" and (before is None or started != before)
+        facts = self._probe(host, recipe)
+        seconds = round(time.monotonic() - t0, 1)
+        boot_id = f"{self.spec.name}@{started:.0f}" if started else f"{self.spec.name}@{uuid.uuid4().hex[:8]}"
+        if booted_here:
+            self._hosts_started.add(boot_id)
+            facts["boot_s"] = seconds
+            self.boots.append({"boot_id": boot_id, "recipe": recipe, "seconds": seconds})
+            self.emit(HostBooted(self.spec.name, recipe, seconds, boot_id))
+        self.state = HostState(host, recipe, recipe, recipe, boot_id, facts, booted_here)
+        return host
+
+    def _running_started_at(self) -> float | None:
+        if self.spec.provider != "nested":
+            return None
+        try:
+            h = find_host(self.ctx.paths, self.spec.name, self.ctx.key.private, self.ctx.cfg.timeouts.command)
+        except Exception:
+            return None
+        return None if h is None else h.runtime.started_at
+
+    def _probe(self, host: Host, recipe: str) -> dict[str, Any]:
+        p = host.probe()
+        facts: dict[str, Any] = {
+            "host": self.spec.name,
+            "provider": self.spec.provider,
+            "kernel_recipe": recipe,
+            "kernel_release": p.release,
+            "accel": p.accel,
+            "guest_accel": "kvm",
+            "cpu_model": p.cpu_model,
+            "modules": dict(p.modules),
+            "modules_match": p.modules_match,
+        }
+        if p.modules_match is False:
+            self.emit(Step(f"{self.spec.name}/{recipe}", "loaded tun/tap/vhost modules are not the artifact's", warning=True))
+        self.emit(Step(f"{self.spec.name}/{recipe}", f"{p.release}, accel {p.accel}"))
+        return facts
+
+    def _swap(self, recipe: str, arm: str) -> None:
+        st = self.state
+        assert st is not None
+        old = st.arm
+        self.emit(Step(self.spec.name, f"swapping modules {old} -> {recipe}"))
+        self.drop_guests(destroy=True)
+        for tap in st.host.agent.tap_list(f"{self.ctx.cfg.name}-"):
+            st.host.agent.tap_delete(tap.name)
+        kb = kernel_boot(self.ctx, recipe, self.emit)
+        moddir = kb.modules_root / "lib" / "modules" / kb.release
+        params = [f"{m}.{p}" for m, ps in params_from_cmdline(kb.cmdline).items() for p in ps]
+        loaded = st.host.agent.swap_modules(moddir, params, timeout=self.ctx.cfg.timeouts.command)
+        want = artifact_build_ids(moddir)
+        if loaded.build_ids != want:
+            raise LabError(f"{self.spec.name}: after the swap to {recipe} the loaded modules are not the artifact's: {loaded.build_ids}")
+        st.modules_recipe, st.arm = recipe, arm
+        st.facts = {**st.facts, "modules": dict(loaded.build_ids), "modules_recipe": recipe}
+        self.swaps.append({"from": old, "to": arm, "recipe": recipe, "seconds": loaded.seconds, "boot_id": st.boot_id})
+        self.emit(ModulesSwapped(self.spec.name, old, arm, loaded.seconds, dict(loaded.build_ids)))
+
+    def modules_loaded(self) -> dict[str, Any] | None:
+        """What cells record as `modules_loaded`: whose modules run now, and their build-ids."""
+        st = self.state
+        if st is None:
+            return None
+        return {"recipe": st.modules_recipe, "arm": st.arm, "build_ids": dict(st.facts.get("modules") or {})}
+
+    # ---- guests ----------------------------------------------------------------------
+    def guest(self, plan: GuestPlan) -> RunningGuest:
+        """`plan`'s guest on the host, booted fresh unless one with the same NIC already runs."""
+        st = self.state
+        if st is None:
+            raise LabError("no lab host: call kernel() first")
+        running = self.guests.get(plan.name)
+        if running is not None and (running.plan.backend, running.plan.queues) == (plan.backend, plan.queues):
+            return running
+        self.drop_guest(plan.name, destroy=False)  # boot_guest destroys the old domain, overlay and tap first
+        t0 = time.monotonic()
+        guest = boot_guest(self.ctx.paths, st.host, plan, self.ctx.key.private, self.ctx.cfg.timeouts.guest_boot, self.emit)
+        self.guests[plan.name] = guest
+        self.started_guests.add(plan.name)
+        self.emit(GuestBooted(plan.name, self.spec.name, plan.backend, plan.queues, round(time.monotonic() - t0, 1)))
+        return guest
+
+    def adopt_guest(self, plan: GuestPlan) -> RunningGuest | None:
+        """A guest of `plan` that already runs and answers SSH (not started by this session), or None."""
+        st = self.state
+        if st is None:
+            return None
+        try:
+            active = dict(list_lab_guests(st.host, self.ctx.cfg.name))
+        except (HostGone, LabError):
+            return None
+        domain = self.ctx.paths.domain_name("", plan.name)
+        if not active.get(domain):
+            return None
+        guest = RunningGuest(plan=plan, host=st.host, domain=domain, key=self.ctx.key.private, console=st.host.guest_log(plan.name))
+        runner = guest.runner(timeout=20)
+        try:
+            if runner.run(["true"], timeout=20, check=False).rc != 0:
+                return None
+        finally:
+            runner.close()
+        self.guests[plan.name] = guest
+        return guest
+
+    def drop_guest(self, name: str, destroy: bool) -> None:
+        """Forget guest `name`; destroy it (domain, overlay, tap) when `destroy`."""
+        guest = self.guests.pop(name, None)
+        if guest is not None and destroy and self.state is not None:
+            try:
+                destroy_guest(self.ctx.paths, guest.host, guest.plan.name, guest.plan.tap)
+            except (HostGone, LabError) as exc:
+                self.emit(Step(name, f"destroy failed: {exc}", warning=True))
+
+    def drop_guests(self, destroy: bool) -> None:
+        """Forget (and destroy) every guest of the session; also lab guests a run did not boot."""
+        for name in list(self.guests):
+            self.drop_guest(name, destroy)
+        st = self.state
+        if destroy and st is not None:
+            try:
+                for dom, _active in list_lab_guests(st.host, self.ctx.cfg.name):
+                    name = dom[len(self.ctx.cfg.name) + 1 :]
+                    tap = self.ctx.cfg.guests[name].net.tap if name in self.ctx.cfg.guests else None
+                    destroy_guest(self.ctx.paths, st.host, name, tap)
+            except (HostGone, LabError) as exc:
+                self.emit(Step(self.spec.name, f"cleaning guests: {exc}", warning=True))
+
+    # ---- faults ---------------------------------------------------------------------
+    def crash(self, keep_dir: Path | None = None) -> HostCrashed:
+        """What killed the host, from its console; the console is copied to `keep_dir` when given."""
+        console = self.ctx.paths.host_console(self.spec.name)
+        oops = read_oops(console)
+        kept: str | None = None
+        if keep_dir is not None and console.exists():
+            keep_dir.mkdir(parents=True, exist_ok=True)
+            dest = keep_dir / f"{self.spec.name}-console-{time.strftime('%Y%m%dT%H%M%S')}.log"
+            try:
+                shutil.copyfile(console, dest)
+                kept = str(dest)
+            except OSError:
+                kept = str(console)
+        return HostCrashed(self.spec.name, oops.first if oops else None, oops.head if oops else "", kept)
+
+    def host_alive(self) -> bool:
+        """Whether the host still answers (a nested host: its VM runs and SSH answers)."""
+        st = self.state
+        if st is None:
+            return False
+        if self.spec.provider == "nested":
+            try:
+                if find_host(self.ctx.paths, self.spec.name, self.ctx.key.private) is None:
+                    return False
+            except Exception:
+                pass
+        try:
+            return st.host.run(["true"], timeout=20, check=False).rc == 0
+        except Exception:
+            return False
+
+    def forget_host(self) -> None:
+        """Drop every handle on a lost host without talking to it (the next kernel() boots a new one)."""
+        self.guests.clear()
+        st, self.state = self.state, None
+        if st is not None:
+            self.ctx.hosts.pop(self.spec.name, None)
+            try:
+                st.host.close()
+            except Exception:
+                pass
+        if self.spec.provider == "nested":
+            try:
+                destroy_host(self.ctx.paths, self.spec.name)  # a panicked VM may linger until libvirt sees it
+            except Exception:
+                pass
+
+    # ---- the end ----------------------------------------------------------------------
+    def close(self, keep: bool = False) -> None:
+        """Destroy what this session started (guests, then a lab host it booted) unless `keep`. Idempotent."""
+        if keep:
+            return
+        st = self.state
+        host_goes = st is not None and st.started_here and self.spec.provider == "nested"
+        for name in list(self.guests):
+            self.drop_guest(name, destroy=name in self.started_guests and not host_goes)
+        if host_goes:
+            assert st is not None
+            self.emit(Step(self.ctx.paths.domain_name(self.spec.name), "destroying lab host"))
+            self.forget_host()
+        self.state = None
+
+    def describe(self) -> dict[str, Any]:
+        """The session's boots and swaps, for meta.json."""
+        return {"host": self.spec.name, "boots": list(self.boots), "swaps": list(self.swaps)}
+
