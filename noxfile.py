@@ -68,26 +68,40 @@ def start_daemons(session: nox.Session) -> None:
         time.sleep(0.1)
 
 
-def prepare(session: nox.Session) -> None:
-    """Debian packages, daemons, the lab itself (editable: lab hosts run this tree)."""
-    install_debian(session)
-    start_daemons(session)
+def _unit_only(posargs: list[str]) -> bool:
+    """True when the arguments select only tests/unit (pure logic: no root, no packages, no daemons)."""
+    paths = [a for a in posargs if not a.startswith("-") and ("/" in a or a.startswith("tests"))]
+    return bool(paths) and all(p.split("::")[0].rstrip("/").startswith("tests/unit") for p in paths)
+
+
+def prepare(session: nox.Session, system: bool = True) -> None:
+    """Debian packages, daemons (when `system`), the lab itself (editable: lab hosts run this tree)."""
+    if system:
+        install_debian(session)
+        start_daemons(session)
     session.install("-e", ".[test]")
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Unit, integration and end-to-end tests, then the smoke matrix (what CI runs)."""
-    prepare(session)
-    args = session.posargs or ["tests", "-m", "not matrix and not kernel_full"]
-    session.run("pytest", *args)
+    """Unit, integration and end-to-end tests, then the smoke matrix (what CI runs).
+
+    `nox -s tests -- tests/unit` runs the pure-logic tests only: no root, no Debian packages, seconds.
+    """
+    unit = _unit_only(session.posargs)
+    prepare(session, system=not unit)
+    args = session.posargs or ["tests", "-m", "not matrix and not kernel_full and not soak and not scenarios"]
+    session.run("pytest", "-p", "no:cacheprovider", *args)
     if not session.posargs:
         session.run("pytest", "tests/matrix", "--profile", "smoke", "-p", "no:cacheprovider")
 
 
 @nox.session(name="vhost-matrix")
 def vhost_matrix(session: nox.Session) -> None:
-    """The stock-vs-nodrop matrix (default: all of it). Args: --profile smoke, --keep, --resume RUN."""
+    """The stock-vs-nodrop matrix (default: all of it).
+
+    Args: --profile smoke|aa, --aa, --matrix upstream-review, --keep, --resume RUN.
+    """
     prepare(session)
     session.run("pytest", "tests/matrix", "-p", "no:cacheprovider", *session.posargs)
 
@@ -99,8 +113,29 @@ def kernel_full(session: nox.Session) -> None:
     session.run("pytest", "tests/e2e/test_kernel_full.py", "-m", "kernel_full", *session.posargs)
 
 
+@nox.session(name="labhost-soak")
+def labhost_soak(session: nox.Session) -> None:
+    """Lab host crash-rate benchmark: N boots, each with a guest and a stream. Args: --boots 20 --vcpus 1 --hog."""
+    prepare(session)
+    session.run("python", "benchmarks/labhost_soak.py", *session.posargs)
+
+
+@nox.session(name="datapath-bench")
+def datapath_bench(session: nox.Session) -> None:
+    """The lab's data path against a plain QEMU command line on the same lab host, interleaved."""
+    prepare(session)
+    session.run("python", "benchmarks/datapath_bench.py", *session.posargs)
+
+
+@nox.session
+def scenarios(session: nox.Session) -> None:
+    """The failure scenarios (noqueue, paused guest, multicast, detach/reset while stopped) on every recipe."""
+    prepare(session)
+    session.run("pytest", "tests/scenarios", "-p", "no:cacheprovider", "-m", "scenarios", *session.posargs)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff over the tree."""
     session.install("ruff")
-    session.run("ruff", "check", "lab", "tests", "noxfile.py")
+    session.run("ruff", "check", "lab", "tests", "benchmarks", "noxfile.py")

@@ -236,6 +236,26 @@ def cmd_run(args) -> int:
     return 0 if outcome.verdict == "PASS" else 1
 
 
+def cmd_scenarios(args) -> int:
+    """Run the failure scenarios on every kernel of [scenarios] (or --kernels); verdict table and details."""
+    from lab.measure.scenarios import SCENARIOS, run_scenarios
+    from lab.verdicts.report import MatrixProgress, render_scenarios, scenarios_text
+
+    console = _console()
+    ctx = _context(args)
+    names = args.only or list(SCENARIOS)
+    with MatrixProgress(console, title="scenarios") as live:
+        run = run_scenarios(ctx, args.kernels or None, names, emit=live,
+                            on_result=lambda r: console.print(f"{r.verdict:<4} {r.kernel}/{r.scenario}: {r.detail}", highlight=False))
+    render_scenarios(run.results, console)
+    if args.text:
+        print(scenarios_text(run.results), end="")
+    console.print(f"results: {run.path}", highlight=False)
+    if run.stopped:
+        console.print(f"[bold red]stopped early: {run.stopped}[/]", highlight=False)
+    return 0 if run.results and not run.stopped else 1
+
+
 def _report_context(cfg):
     from lab.verdicts.report import ReportContext
 
@@ -252,6 +272,18 @@ def cmd_report(args) -> int:
 
     cfg = load_config(args.config)
     data = load_run(cfg.workdir, args.run)
+    if data.meta.extra.get("kind") == "scenarios":
+        from lab.measure.scenarios import read_results
+        from lab.verdicts.report import render_scenarios, scenarios_text
+
+        results = read_results(data.run_dir / "scenarios.jsonl") if data.run_dir else []
+        if args.json:
+            print(json.dumps({"run": data.meta.to_dict(), "scenarios": [r.to_dict() for r in results]}, indent=2, default=str))
+        elif args.format == "text":
+            print(scenarios_text(results), end="")
+        else:
+            render_scenarios(results, _console(), title=f"Failure scenarios, run {data.meta.run_id}")
+        return 0
     props = evaluate_run(data, cfg)
     rc = _report_context(cfg)
     compare = load_run(cfg.workdir, args.compare) if args.compare else None
@@ -337,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     s.add_argument("--aa", action="store_true", help="an A/A control: the baseline kernel against a copy of itself")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("scenarios", help="the failure scenarios (noqueue, paused guest, multicast, ...) per kernel")
+    s.add_argument("--kernels", nargs="*", default=None, help="kernel recipes (default: [scenarios] kernels)")
+    s.add_argument("--only", nargs="*", default=None, help="scenario names (default: all)")
+    s.add_argument("--text", action="store_true", help="also print the plain-text (mail) form")
+    s.set_defaults(func=cmd_scenarios)
 
     s = sub.add_parser("report", help="render a run from its results file")
     s.add_argument("run", nargs="?", default="latest")

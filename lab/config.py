@@ -290,6 +290,15 @@ class Expectations:
 
 
 @dataclass(frozen=True)
+class ScenarioSpec:
+    """[scenarios]: the failure scenarios (lab.measure.scenarios) run on `kernels`, with `host` and `guest` as templates."""
+
+    host: str
+    guest: str
+    kernels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class LabConfig:
     """The whole lab, resolved: `root` is lab.toml's directory, `source` the file."""
 
@@ -304,6 +313,7 @@ class LabConfig:
     guests: dict[str, GuestSpec]
     matrices: dict[str, MatrixSpec]
     expectations: Expectations
+    scenarios: ScenarioSpec | None = None
 
 
 
@@ -425,7 +435,8 @@ def _existing(ctx: _Context, path: str, value: Any, *, kind: str) -> Path:
 # Sections
 # --------------------------------------------------------------------------
 
-TOP_KEYS = ("lab", "timeouts", "kernels", "images", "hosts", "guests", "matrices", "expectations")
+TOP_KEYS = ("lab", "timeouts", "kernels", "images", "hosts", "guests", "matrices", "expectations", "scenarios")
+SCENARIO_KEYS = ("host", "guest", "kernels")
 LAB_KEYS = ("name", "workdir")
 TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(Timeouts))
 KERNEL_KEYS = ("source", "patches", "configs", "strategy", "cmdline")
@@ -512,6 +523,14 @@ def _build(data: dict[str, Any], ctx: _Context) -> LabConfig:
     }
 
     expectations = _expectations(section(top, "expectations", EXPECTATION_KEYS, required=True), kernels)
+    scenarios = None
+    if top.has("scenarios"):
+        s = section(top, "scenarios", SCENARIO_KEYS, required=True)
+        scenarios = ScenarioSpec(
+            host=ref(s.at("host"), s.get("host", expected="the name of a host"), hosts, "hosts", "host"),
+            guest=ref(s.at("guest"), s.get("guest", expected="the name of a guest"), guests, "guests", "guest"),
+            kernels=_matrix_value("kernels", s.at("kernels"), s.get("kernels", expected="kernel names"), kernels),
+        )
 
     return LabConfig(
         name=name,
@@ -525,6 +544,7 @@ def _build(data: dict[str, Any], ctx: _Context) -> LabConfig:
         guests=guests,
         matrices=matrices,
         expectations=expectations,
+        scenarios=scenarios,
     )
 
 

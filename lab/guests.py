@@ -100,20 +100,22 @@ def guest_initrd(paths: LabPaths, modules_dir: Path) -> Path:
     return cached_initramfs(spec, paths.initrd_dir, "guest")
 
 
-def boot_guest(
-    paths: LabPaths,
-    host: Host,
-    plan: GuestPlan,
-    key: Path,
-    boot_timeout: float = 240.0,
-    progress: Progress = quiet,
-) -> RunningGuest:
-    """Create the tap, the disk overlay and the domain; wait until SSH answers.
+@dataclass(frozen=True)
+class StagedGuest:
+    """What a guest boots from on its host: the tap exists, the disk overlay is made."""
 
-    On failure the guest and its tap are removed again and the console log's
-    tail is part of the error.
+    overlay: str  # path on the host
+    console: str  # path on the host
+    initrd: Path
+    cmdline: str
+
+
+def stage_guest(paths: LabPaths, host: Host, plan: GuestPlan, progress: Progress = quiet) -> StagedGuest:
+    """The tap (name, txqueuelen, vnet_hdr, queues, the host side's address) and the disk overlay of a guest.
+
+    Shared by boot_guest (a libvirt domain) and the data-path benchmark (a
+    plain QEMU command line), so both boot exactly the same guest.
     """
-    domain = paths.domain_name("", plan.name)
     destroy_guest(paths, host, plan.name, plan.tap)
     initrd = guest_initrd(paths, plan.modules_dir)
     gdir = host.guest_dir()
@@ -141,6 +143,25 @@ def boot_guest(
             f"lab.queues={plan.queues}",
         ]
     )
+    return StagedGuest(overlay, console, initrd, cmdline)
+
+
+def boot_guest(
+    paths: LabPaths,
+    host: Host,
+    plan: GuestPlan,
+    key: Path,
+    boot_timeout: float = 240.0,
+    progress: Progress = quiet,
+) -> RunningGuest:
+    """Create the tap, the disk overlay and the domain; wait until SSH answers.
+
+    On failure the guest and its tap are removed again and the console log's
+    tail is part of the error.
+    """
+    domain = paths.domain_name("", plan.name)
+    staged = stage_guest(paths, host, plan, progress)
+    initrd, overlay, console, cmdline = staged.initrd, staged.overlay, staged.console, staged.cmdline
     xml = guest_xml(
         GuestDomain(
             name=domain,

@@ -136,7 +136,7 @@ def run(
     """
     args = _argv(argv)
     t0 = time.monotonic()
-    logf = open(log, "ab", buffering=0) if log is not None else None  # noqa: SIM115 - closed below
+    logf = open(log, "ab", buffering=0) if log is not None else None
     try:
         if logf is not None:
             logf.write(("$ " + " ".join(args) + "\n").encode())

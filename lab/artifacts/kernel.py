@@ -227,17 +227,39 @@ def expand_patches(entries: Sequence[Path]) -> tuple[Path, ...]:
     return tuple(out)
 
 
+_HUNK = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+
+
 def touched_paths(patch: Path) -> tuple[set[str], set[str]]:
-    """The tree paths a -p1 patch modifies, split into (existing files, files it creates)."""
+    """The tree paths a -p1 patch modifies, split into (existing files, files it creates).
+
+    File headers are read only between hunks: a hunk's own lines (counted from
+    its "@@ -a,b +c,d @@" header) may start with "--- " or "+++ " too.
+    """
     existing: set[str] = set()
     created: set[str] = set()
     old: str | None = None
+    left = (0, 0)  # lines of the current hunk still to come: (old side, new side)
     for line in patch.read_text(errors="replace").splitlines():
-        if line.startswith("--- "):
+        if left != (0, 0):
+            if line.startswith("-"):
+                left = (left[0] - 1, left[1])
+            elif line.startswith("+"):
+                left = (left[0], left[1] - 1)
+            elif line.startswith("\\"):
+                pass  # "\ No newline at end of file"
+            else:
+                left = (left[0] - 1, left[1] - 1)
+            left = (max(0, left[0]), max(0, left[1]))
+            continue
+        m = _HUNK.match(line)
+        if m:
+            left = (int(m.group(1) or 1), int(m.group(2) or 1))
+        elif line.startswith("--- "):
             old = _strip_p1(line[4:])
         elif line.startswith("+++ ") and old is not None:
             new = _strip_p1(line[4:])
-            if old is None or old == "/dev/null":
+            if old == "/dev/null":
                 if new and new != "/dev/null":
                     created.add(new)
             else:

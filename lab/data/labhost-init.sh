@@ -54,10 +54,12 @@ for d in /etc/libvirt/qemu /etc/libvirt/qemu/networks /etc/libvirt/storage; do
     [ -d "$d" ] && mount -t tmpfs tmpfs "$d"
 done
 # libvirtd probes QEMU's capabilities before its first domain: tens of
-# seconds under TCG. The result is kept in the host's state share across
-# boots (libvirt revalidates it itself), and warmed up in the background now.
-mkdir -p "$STATE/libvirt-capabilities" /var/cache/libvirt/qemu/capabilities
-mount --bind "$STATE/libvirt-capabilities" /var/cache/libvirt/qemu/capabilities
+# seconds under TCG. The result lives on this machine, shared per (kernel
+# release, QEMU, libvirt) by every lab and lab host (the "labcaps" share;
+# libvirt revalidates it itself), and is warmed up in the background now.
+mkdir -p /var/cache/libvirt/qemu/capabilities
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,rw labcaps /var/cache/libvirt/qemu/capabilities ||
+    say "no labcaps share: libvirt probes QEMU afresh"
 virtlogd -d
 libvirtd -d
 for i in $(seq 1 100); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.2; done

@@ -20,6 +20,7 @@ from lab.onhost.net import DeviceCounters, NetemDelay, QdiscCounters, TapDevice
 from lab.onhost.pktgen import PktgenMeasurement, PktgenRun
 from lab.onhost.probe import KernelFacts
 from lab.onhost.traffic import Iperf3Run, StreamMeasurement, TcpCounters
+from lab.onhost.udp import SendReport, UdpSend
 from lab.onhost.wire import from_wire
 
 AGENT_SLACK_S = 30.0  # a verb that runs traffic may take this long beyond its own bound
@@ -118,6 +119,36 @@ class AgentClient:
         args = ["pktgen", "--dev", run.dev, "--dst-ip", run.dst_ip, "--dst-mac", run.dst_mac, "--threads", str(run.threads),
                 "--count", str(run.count), "--size", str(run.size), "--timeout", _ms(run.timeout_s)]
         return from_wire(PktgenMeasurement, self._verb(args, run.timeout_s + AGENT_SLACK_S + 30))
+
+    # ---- scenarios ----------------------------------------------------------------
+    def udp_send(self, spec: UdpSend) -> SendReport:
+        """A UDP burst from the host (lab.onhost.udp): what the sender saw."""
+        args = ["udp-send", "--dst", spec.dst, "--port", str(spec.port), "--count", str(spec.count), "--size", str(spec.size),
+                "--send-timeout", _ms(spec.send_timeout_s), "--total-timeout", _ms(spec.total_timeout_s)]
+        if not spec.blocking:
+            args.append("--nonblocking")
+        if spec.multicast_if:
+            args += ["--multicast-if", spec.multicast_if]
+        return from_wire(SendReport, self._verb(args, spec.total_timeout_s + AGENT_SLACK_S))
+
+    def bridge_create(self, name: str, ports: Sequence[str]) -> list[str]:
+        """A bridge over lab taps; the IPv4 addresses moved onto it."""
+        args = ["bridge-create", "--name", name]
+        for p in ports:
+            args += ["--port", p]
+        return list(self._verb(args).get("moved", []))
+
+    def bridge_delete(self, name: str) -> bool:
+        """Delete a bridge; False when there was none."""
+        return bool(self._verb(["bridge-delete", "--name", name]).get("deleted"))
+
+    def kmsg_mark(self, marker: str) -> None:
+        """Write a marker line into the host's kernel log."""
+        self._verb(["kmsg", "--mark", marker])
+
+    def kmsg_since(self, marker: str) -> list[str]:
+        """The host's kernel log lines after a marker."""
+        return list(self._verb(["kmsg", "--since", marker]).get("lines", []))
 
 
 def stream_args(run: Iperf3Run, dev: str | None, *, grace_s: float, sample_ms: float = 10.0, count_drops: bool = True) -> list[str]:

@@ -67,6 +67,24 @@ def artifact_build_ids(modules_dir: Path) -> dict[str, str]:
 
 
 
+def libvirt_caps_dir(paths: LabPaths, kernel: KernelBoot) -> Path:
+    """Where lab hosts keep libvirt's QEMU capability probe: one directory per (kernel release, QEMU,
+    libvirtd) on this machine, shared by every lab name and host, so a new lab does not probe again
+    (about a minute under TCG). libvirt checks a cached probe against the binaries itself."""
+    import hashlib
+
+    ident = [kernel.release]
+    for exe in ("/usr/bin/qemu-system-x86_64", "/usr/sbin/libvirtd"):
+        try:
+            st = os.stat(exe)
+            ident.append(f"{exe}:{st.st_size}:{int(st.st_mtime)}")
+        except OSError:
+            ident.append(f"{exe}:absent")
+    d = paths.workdir / "libvirt-caps" / f"{kernel.release}-{hashlib.sha256('|'.join(ident).encode()).hexdigest()[:12]}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 def find_host(paths: LabPaths, name: str, key: Path, command_timeout: float = 120.0) -> NestedHost | None:
     """The running lab host `name`, or None when it is not up."""
     rt = HostRuntime.load(paths.host_runtime(name))
@@ -154,6 +172,7 @@ def boot_host(
                 SharedDir(Path("/"), "labroot"),
                 SharedDir(kernel.modules_root / "lib" / "modules", "labkernel"),
                 SharedDir(state, "labstate", readonly=False),
+                SharedDir(libvirt_caps_dir(paths, kernel), "labcaps", readonly=False),
             ),
             accel=accel,
         )

@@ -6,7 +6,8 @@ error prints {"error": "...", "type": "..."} and exits 1, so the caller
 (over SSH) never has to parse anything but one JSON line.
 
 Verbs: tap-create, tap-delete, tap-list, txqueuelen, netem, qdisc, qdiscs,
-counters, probe, tcp-counters, stream, modules, pktgen. Replies are the
+counters, probe, tcp-counters, stream, modules, pktgen, udp-send,
+bridge-create, bridge-delete, kmsg. Replies are the
 dataclasses of lab.onhost (lab.onhost.wire); lab.hosts.agent_client turns them
 back into those types. A global --netns NAME (before the verb) runs the verb
 against that network namespace (tests use it; a lab host does not need it).
@@ -134,6 +135,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--timeout", type=float, default=120.0)
     p.set_defaults(func=_pktgen)
+
+    p = verbs.add_parser("udp-send", help="a burst of UDP datagrams; how the kernel treated the sender")
+    p.add_argument("--dst", required=True)
+    p.add_argument("--port", type=int, default=9)
+    p.add_argument("--count", type=int, default=5000)
+    p.add_argument("--size", type=int, default=1400)
+    p.add_argument("--nonblocking", action="store_true")
+    p.add_argument("--send-timeout", type=float, default=5.0)
+    p.add_argument("--total-timeout", type=float, default=60.0)
+    p.add_argument("--multicast-if", default=None)
+    p.set_defaults(func=_udp_send)
+
+    p = verbs.add_parser("bridge-create", help="a bridge over lab taps (multicast floods; their addresses move to it)")
+    p.add_argument("--name", type=ifname, required=True)
+    p.add_argument("--port", type=ifname, action="append", required=True)
+    p.set_defaults(func=_bridge_create)
+
+    p = verbs.add_parser("bridge-delete", help="delete a bridge (absent is fine)")
+    p.add_argument("--name", type=ifname, required=True)
+    p.set_defaults(func=_bridge_delete)
+
+    p = verbs.add_parser("kmsg", help="mark the kernel log, or read it since a mark")
+    p.add_argument("--mark", default=None)
+    p.add_argument("--since", default=None)
+    p.set_defaults(func=_kmsg)
     return parser
 
 
@@ -231,6 +257,29 @@ def _pktgen(args: argparse.Namespace) -> Any:
     run = pktgen.PktgenRun(dev=args.dev, dst_ip=args.dst_ip, dst_mac=args.dst_mac, threads=args.threads,
                            count=args.count, size=args.size, timeout_s=args.timeout)
     return pktgen.measure_pktgen(run)
+
+
+def _udp_send(args: argparse.Namespace) -> Any:
+    from lab.onhost.udp import UdpSend, udp_send
+
+    return udp_send(UdpSend(dst=args.dst, port=args.port, count=args.count, size=args.size, blocking=not args.nonblocking,
+                            send_timeout_s=args.send_timeout, total_timeout_s=args.total_timeout, multicast_if=args.multicast_if))
+
+
+def _bridge_create(args: argparse.Namespace) -> Any:
+    return {"name": args.name, "moved": net.create_bridge(args.name, args.port, args.netns)}
+
+
+def _bridge_delete(args: argparse.Namespace) -> Any:
+    return {"name": args.name, "deleted": net.delete_bridge(args.name, args.netns)}
+
+
+def _kmsg(args: argparse.Namespace) -> Any:
+    from lab.onhost.udp import kernel_log_since, mark_kernel_log
+
+    if args.mark:
+        mark_kernel_log(args.mark)
+    return {"lines": kernel_log_since(args.since) if args.since else []}
 
 
 def run_verb(argv: list[str]) -> tuple[dict[str, Any], int]:

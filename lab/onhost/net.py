@@ -758,3 +758,55 @@ class BacklogSampler:
             self._error = f"{type(exc).__name__}: {exc}"
         finally:
             self._ready.set()
+
+
+# --------------------------------------------------------------------------
+# bridges (inside a lab host, between lab taps only)
+
+
+def create_bridge(name: str, ports: list[str], netns: str | None = None) -> list[str]:
+    """A bridge over `ports` (lab taps), multicast snooping off so it floods multicast to every port.
+
+    The ports' IPv4 addresses move to the bridge (an address on a bridge port
+    is not used), so the guests behind them stay reachable. Ports are added in
+    order: the bridge hands the original of a flooded packet to the port added
+    first and clones to the rest, which is what ties a sender's socket memory
+    to that port's queue. Returns the addresses moved ("a.b.c.d/len").
+    """
+    validate_ifname(name)
+    for p in ports:
+        validate_ifname(p, "port")
+    moved: list[str] = []
+    with _ipr(netns) as ipr:
+        if _lookup(ipr, name) is not None:
+            raise NetError(f"{_where(name, netns)} exists already")
+        try:
+            ipr.link("add", ifname=name, kind="bridge", br_mcast_snooping=0)
+        except Exception as exc:
+            raise NetError(f"creating bridge {_where(name, netns)} failed: {exc}") from exc
+        br = _index(ipr, name, netns)
+        for p in ports:
+            idx = _index(ipr, p, netns)
+            for a in ipr.get_addr(index=idx, family=2):
+                addr, plen = a.get_attr("IFA_ADDRESS"), a["prefixlen"]
+                ipr.addr("del", index=idx, address=addr, prefixlen=plen)
+                ipr.addr("add", index=br, address=addr, prefixlen=plen)
+                moved.append(f"{addr}/{plen}")
+            ipr.link("set", index=idx, master=br)
+        ipr.link("set", index=br, state="up")
+    return moved
+
+
+def delete_bridge(name: str, netns: str | None = None) -> bool:
+    """Delete a bridge (its ports stay, unenslaved); False when there was none."""
+    validate_ifname(name)
+    with _ipr(netns) as ipr:
+        idx = _lookup(ipr, name)
+        if idx is None:
+            return False
+        link = _get_link(ipr, idx)
+        info = link.get_attr("IFLA_LINKINFO")
+        if info is None or info.get_attr("IFLA_INFO_KIND") != "bridge":
+            raise NetError(f"{_where(name, netns)} is not a bridge; not deleting it")
+        ipr.link("del", index=idx)
+    return True

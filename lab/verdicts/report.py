@@ -830,3 +830,49 @@ class MatrixProgress:
             # No markup or highlighting: CI logs should read as plain text.
             self.console.print(line, markup=False, highlight=False, style=style)
 
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def _scenario_grid(results: Sequence[Any]) -> tuple[list[str], list[str], dict[tuple[str, str], Any]]:
+    kernels = list(dict.fromkeys(r.kernel for r in results))
+    names = list(dict.fromkeys(r.scenario for r in results))
+    return kernels, names, {(r.scenario, r.kernel): r for r in results}
+
+
+def render_scenarios(results: Sequence[Any], console: Console, title: str = "Failure scenarios") -> None:
+    """A verdict per scenario (rows) and kernel (columns), then every detail with its numbers."""
+    kernels, names, by = _scenario_grid(results)
+    t = Table(title=title, title_style="bold", header_style="bold cyan")
+    t.add_column("scenario", no_wrap=True)
+    for k in kernels:
+        t.add_column(k, justify="center", no_wrap=True)
+    for n in names:
+        cells = []
+        for k in kernels:
+            r = by.get((n, k))
+            cells.append(Text(r.verdict if r else "-", style=VERDICT_STYLE.get(r.verdict, "") if r else "dim"))
+        t.add_row(n, *cells)
+    console.print(t)
+    for r in results:
+        console.print(Text(f"  {r.verdict:<4} {r.kernel}/{r.scenario}: ", style=VERDICT_STYLE.get(r.verdict, "")), Text(r.detail), sep="")
+
+
+def scenarios_text(results: Sequence[Any], width: int = TEXT_WIDTH) -> str:
+    """The scenario table and details as plain ASCII for a mail."""
+    kernels, names, by = _scenario_grid(results)
+    w0 = max([len("scenario")] + [len(n) for n in names])
+    ws = [max(len(k), 5) for k in kernels]
+    head = "  " + "scenario".ljust(w0) + "".join("  " + k.center(w) for k, w in zip(kernels, ws, strict=True))
+    lines = [head, "  " + "-" * (len(head) - 2)]
+    for n in names:
+        row = "  " + n.ljust(w0)
+        for k, w in zip(kernels, ws, strict=True):
+            r = by.get((n, k))
+            row += "  " + (r.verdict if r else "-").center(w)
+        lines.append(row)
+    lines.append("")
+    for r in results:
+        lines += _wrap(r.detail, width, "        ", first=f"  {r.verdict:<4}  {r.kernel}/{r.scenario}: ")
+    return "\n".join(lines).encode("ascii", "replace").decode("ascii") + "\n"

@@ -375,7 +375,7 @@ def test_two_labs_do_not_touch_each_other(vhr_host, lab_files, workdir):
     assert outer_domains(LAB) == before == [f"{LAB}-lab1"]
     assert domain_state(f"{LAB}-lab1") == "running"
     assert host.run(["true"], timeout=60).rc == 0
-    assert host.agent(["probe"], timeout=120)["release"]
+    assert host.call(["probe"], timeout=120)["release"]
     assert LabCli(lab_files["vhr"])("status", timeout=300).stdout.count(" up ") >= 1
     assert outer_domains(OTHER) == []
     print(f"\n[two labs] lab vhs down/status left vhr running: {outer_domains(LAB)}")
@@ -390,14 +390,14 @@ def test_lab_host_freezes_while_connected(vhr_host, lab_files):
 
     ctx, host = vhr_host
     cli = LabCli(lab_files["vhr"])
-    assert host.agent(["probe"], timeout=120)["release"]
+    assert host.call(["probe"], timeout=120)["release"]
     assert host.run(["true"], timeout=60).rc == 0
     subprocess.run(["virsh", "-c", "qemu:///system", "suspend", f"{LAB}-lab1"], check=True, timeout=120, capture_output=True)
     try:
         connect = host.endpoint().connect_timeout
         t = time.monotonic()
         with pytest.raises(LabError) as err:
-            host.agent(["probe"], timeout=10)  # the agent session is open: its reply never comes
+            host.call(["probe"], timeout=10)  # the agent session is open: its reply never comes
         took = time.monotonic() - t
         print(f"\n[host frozen] agent on the open session: {type(err.value).__name__} in {took:.1f}s: {err.value}")
         assert took <= 10 + 5
@@ -411,7 +411,7 @@ def test_lab_host_freezes_while_connected(vhr_host, lab_files):
 
         t = time.monotonic()
         with pytest.raises((HostGone, LabError)) as err:
-            host.agent(["probe"], timeout=10)  # a new session: connect, exec, then "does the host answer?"
+            host.call(["probe"], timeout=10)  # a new session: connect, exec, then "does the host answer?"
         took = time.monotonic() - t
         print(f"[host frozen] agent, new session: {type(err.value).__name__} in {took:.1f}s: {err.value}")
         assert took <= (2 * connect + ABORT_GRACE_S) + (30 + ABORT_GRACE_S + connect) + 10
@@ -426,7 +426,7 @@ def test_lab_host_freezes_while_connected(vhr_host, lab_files):
     finally:
         subprocess.run(["virsh", "-c", "qemu:///system", "resume", f"{LAB}-lab1"], timeout=120, capture_output=True)
     wait_until(lambda: host.run(["true"], timeout=30, check=False).rc == 0, 180, "the resumed host to answer", interval=2)
-    assert host.agent(["probe"], timeout=120)["release"]
+    assert host.call(["probe"], timeout=120)["release"]
     assert cli("status", timeout=300).stdout.count(" up ") >= 1
 
 
@@ -437,7 +437,7 @@ def test_lab_host_dies_while_connected(vhr_host, lab_files, workdir):
 
     ctx, host = vhr_host
     cli = LabCli(lab_files["vhr"])
-    assert host.agent(["probe"], timeout=120)["release"]
+    assert host.call(["probe"], timeout=120)["release"]
     assert list_lab_guests(host, LAB) == []  # opens the libvirt socket forwarder (an ssh -L process)
     assert lab_processes(LAB), "expected the lab host's QEMU and the forwarder"
 
@@ -445,7 +445,7 @@ def test_lab_host_dies_while_connected(vhr_host, lab_files, workdir):
 
     t = time.monotonic()
     with pytest.raises((HostGone, LabError)) as err:
-        host.agent(["probe"], timeout=20)
+        host.call(["probe"], timeout=20)
     took = time.monotonic() - t
     print(f"\n[host dies] agent: {type(err.value).__name__} in {took:.1f}s: {err.value}")
     assert took <= 20 + 30 + 10

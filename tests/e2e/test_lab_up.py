@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from tests.e2e.conftest import LabCli, make_lab_toml
+
 pytestmark = pytest.mark.slow
 
 
@@ -16,7 +18,18 @@ def _outer_domains(prefix: str) -> list[str]:
     return [n for n in out.stdout.split() if n.startswith(prefix + "-")]
 
 
-def test_up_shell_status_down(test_lab):
+BROKEN_GUEST = """
+[images.broken]
+recipe = "{recipe}"
+
+[guests.guest2]
+host = "lab1"
+image = "broken"
+memory_mib = 512
+"""
+
+
+def test_up_shell_status_down(test_lab, tmp_path):
     t0 = time.monotonic()
     test_lab("up")
     up_s = time.monotonic() - t0
@@ -37,6 +50,15 @@ def test_up_shell_status_down(test_lab):
                  "for p in $(pgrep -f guest=vht-guest1,); do ls -l /proc/$p/fd; done; ps -eLo comm")
     assert "/dev/vhost-net" in p.stdout
     assert re.search(r"(?m)^vhost-\d+", p.stdout), p.stdout
+
+    # A `lab up` that fails (a second guest whose image recipe is broken) leaves what it did not start.
+    recipe = tmp_path / "broken.toml"
+    recipe.write_text('name = "broken"\nsuite = "bookworm"\npackages = ["iperf3"]\ninit = "missing-init.sh"\n')
+    broken = LabCli(make_lab_toml(tmp_path, "vht", BROKEN_GUEST.format(recipe=recipe)))
+    p = broken("up", "guest2", check=False)
+    assert p.returncode == 2 and "broken.toml" in p.stderr, p.stderr
+    assert test_lab("shell", "guest1", "--", "true", check=False).returncode == 0, "guest1 was taken down"
+    assert "vht-lab1" in _outer_domains("vht")
 
     status = test_lab("status").stdout
     assert "vht-guest1" in status and "1000" in status, status

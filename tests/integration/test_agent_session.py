@@ -149,12 +149,11 @@ def _some_tcp_segments() -> None:
     """Send a few TCP segments over loopback (this namespace's counters must move)."""
     import socket
 
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        with socket.create_connection(srv.getsockname(), timeout=5) as c:
-            peer, _ = srv.accept()
-            with peer:
-                c.sendall(b"x" * 4096)
-                peer.recv(4096)
+    with socket.create_server(("127.0.0.1", 0)) as srv, socket.create_connection(srv.getsockname(), timeout=5) as c:
+        peer, _ = srv.accept()
+        with peer:
+            c.sendall(b"x" * 4096)
+            peer.recv(4096)
 
 
 def test_agent_session_local_calls_and_close() -> None:

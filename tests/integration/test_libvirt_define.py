@@ -164,7 +164,7 @@ def test_labhost_definition_survives_libvirt(conn, prefix: str, tmp_path: Path) 
 
     fss = root.findall("devices/filesystem")
     assert len(fss) == 3
-    for fs, share in zip(fss, shares):
+    for fs, share in zip(fss, shares, strict=False):
         assert fs.get("type") == "mount"
         assert fs.get("accessmode") == "passthrough"
         assert fs.get("multidevs") == "remap"

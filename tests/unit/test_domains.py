@@ -137,7 +137,7 @@ def test_labhost_9p_shares() -> None:
     root = parse(labhost_xml(d))
     fss = root.findall("devices/filesystem")
     assert len(fss) == len(d.shares)
-    for fs, share in zip(fss, d.shares):
+    for fs, share in zip(fss, d.shares, strict=False):
         assert fs.attrib == {"type": "mount", "accessmode": "passthrough", "multidevs": "remap"}
         assert one(fs, "source").attrib == {"dir": str(share.source)}
         assert one(fs, "target").attrib == {"dir": share.tag}
@@ -342,6 +342,6 @@ def test_guest_mac_always_valid(lab: str, index: int) -> None:
 
 def test_dataclasses_are_frozen() -> None:
     d = guest()
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError
         d.name = "other"  # type: ignore[misc]
     assert replace(d, name="other").name == "other"

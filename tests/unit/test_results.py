@@ -24,7 +24,16 @@ from lab.verdicts.results import (
     resolve_run,
 )
 
-CONTRACT_KEYS = ["cell", "kernel", "backend", "txqueuelen", "rtt_ms", "repeat", "kind", "streams", "queues", "qdisc", "threads", "status", "error", "throughput_mbps", "retransmits", "host_retrans_segs", "tcp_out_segs", "tap_tx_dropped", "tap_tx_packets", "qdisc_drops", "qdisc_requeues", "qdisc_overlimits", "qdisc_backlog_peak", "measured_rtt_ms", "cpu_sender_pct", "cpu_receiver_pct", "ring_drops", "drop_reasons", "queue_stats", "pktgen_sent", "pktgen_errors", "pktgen_pps", "guest_rx_packets", "guest_rx_pps", "pktgen_lost", "accel", "host_accel", "kernel_recipe", "kernel_release", "duration_s", "started_at", "finished_at", "host", "boot_id", "modules_loaded", "order", "attempts", "host_crashes", "commands", "console_log"]
+CONTRACT_KEYS = [
+    "cell", "kernel", "backend", "txqueuelen", "rtt_ms", "repeat", "kind", "streams", "queues", "qdisc",
+    "threads", "status", "error", "throughput_mbps", "retransmits", "host_retrans_segs", "tcp_out_segs",
+    "tap_tx_dropped", "tap_tx_packets", "qdisc_drops", "qdisc_requeues", "qdisc_overlimits",
+    "qdisc_backlog_peak", "measured_rtt_ms", "cpu_sender_pct", "cpu_receiver_pct", "ring_drops",
+    "drop_reasons", "queue_stats", "pktgen_sent", "pktgen_errors", "pktgen_pps", "guest_rx_packets",
+    "guest_rx_pps", "pktgen_lost", "accel", "host_accel", "kernel_recipe", "kernel_release", "duration_s",
+    "started_at", "finished_at", "host", "boot_id", "modules_loaded", "order", "attempts", "host_crashes",
+    "commands", "console_log",
+]
 
 
 def cell(kernel="stock", backend="vhost", qlen=1000, rtt=0, repeat=1, repeats=1, status="ok", tp=100.0, **kw):

@@ -126,9 +126,9 @@ def test_run_directory_holds_no_private_key_material(tmp_path):
     from lab.hosts.remote import SshEndpoint
     from lab.measure.cells import expand
     from lab.measure.matrix import Where, cell_result_from_stream, describe_error, error_result, open_run
-    from tests.helpers import stream_measurement
     from lab.session import LabContext
     from lab.verdicts.results import RunStore
+    from tests.helpers import stream_measurement
 
     recipe = tmp_path / "recipe.toml"
     recipe.write_text("")

@@ -27,12 +27,12 @@ from hypothesis import strategies as st
 
 from lab.config import ConfigError, loads_config
 from lab.errors import LabError
+from lab.hosts.agent_client import AgentClient
 from lab.hosts.domains import GuestDomain, LabHostDomain, SharedDir, guest_xml, labhost_xml
 from lab.hosts.remote import SshEndpoint, quote_argv
-from lab.hosts.agent_client import AgentClient
 from lab.measure.matrix import guest_netem_argv
-from lab.onhost.net import NetemDelay
 from lab.onhost import agent, traffic
+from lab.onhost.net import NetemDelay
 
 REPO = Path(__file__).resolve().parents[2]
 LAB_SRC = REPO / "lab"
@@ -449,7 +449,7 @@ def test_agent_serve_refuses_non_argv_requests():
 
     out = io.StringIO()
     agent.serve(io.StringIO('"tap-list --prefix x; reboot"\n{"a": 1}\n["serve"]\n'), out)
-    replies = [json.loads(l) for l in out.getvalue().splitlines()]
+    replies = [json.loads(line) for line in out.getvalue().splitlines()]
     assert len(replies) == 3 and all(r["type"] == "UsageError" for r in replies), replies
 
 
