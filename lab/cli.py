@@ -224,7 +224,7 @@ def cmd_run(args) -> int:
             live.start(len(plan), [c.id for c in plan], completed=[c.id for c in plan if c.id not in pending_ids])
 
         outcome = run_matrix(ctx, args.matrix, profile=args.profile, resume=args.resume, keep=args.keep, emit=live,
-                             aa=args.aa, on_start=on_start)
+                             aa=args.aa, on_start=on_start, raise_interrupt=False)
     render(outcome.run_data, outcome.properties, console, rc=_report_context(ctx.cfg))
     console.print(summary_line(outcome), highlight=False)
     if outcome.stopped:
@@ -233,6 +233,8 @@ def cmd_run(args) -> int:
         console.print(f"resume with: lab run {args.matrix} --resume {outcome.run_dir.name}", highlight=False)
     if args.keep:
         console.print("lab host kept running (--keep): `lab down` removes it", highlight=False)
+    if outcome.stopped == "interrupted":
+        return 130
     return 0 if outcome.verdict == "PASS" else 1
 
 

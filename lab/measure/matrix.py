@@ -870,6 +870,7 @@ def run_matrix(
     emit: Emit = quiet,
     aa: bool = False,
     on_start: Any = None,
+    raise_interrupt: bool = True,
 ) -> MatrixOutcome:
     """Run (or resume) a matrix end to end: cells, events, properties, teardown.
 
@@ -877,7 +878,9 @@ def run_matrix(
     lab host too unless `keep`. A run that has to stop early (its host crash
     budget spent) says why in its outcome (`stopped`); what was measured stays.
     `on_start(runner, plan, pending)` is called before the first cell (the CLI
-    shows the plan there).
+    shows the plan there). Ctrl-C (KeyboardInterrupt) propagates after the
+    teardown, unless `raise_interrupt` is False: then the outcome says
+    stopped="interrupted" and the caller can still show what was measured.
     """
     session_t0, session_at = time.monotonic(), now_iso()
     spec, store = open_run(ctx, matrix_name, profile, resume, aa=aa)
@@ -895,7 +898,8 @@ def run_matrix(
                 break
     except KeyboardInterrupt:
         stopped = "interrupted"
-        raise
+        if raise_interrupt:
+            raise
     finally:
         try:
             runner.close(keep=keep)

@@ -258,7 +258,7 @@ def _ci_property(name: str, idx: _Index, exp: ExpectationsLike, points: Sequence
         more = f", {j.needed} repeats per arm would decide" if v == INCONCLUSIVE and j.needed else ""
         boots = "" if c.same_boot is not False else ", across boots"
         parts.append(f"{point.label()} {fmt_mbps(j.median_b)}/{fmt_mbps(j.median_a)} = {fmt_ci(c)} (n={j.n_b}/{j.n_a}{boots}"
-                     f"{more}){'' if v == PASS else ' ' + v}")
+                     f"{more}){' FAIL' if v == FAIL else ''}")
     if not verdicts:
         return Property(full, NA, "; ".join(skipped), (), desc)
     detail = f"{idx.backend}: {exp.nodrop_kernel}/{exp.stock_kernel} {'; '.join(parts)} (CI >= {_num(threshold)})"

@@ -152,18 +152,39 @@ def _finish(text: str, assets: dict[str, Path]) -> str:
 
 
 def run_cli(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    # COLUMNS small on purpose: a long message must still be one line.
-    env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="60", TERM="dumb")
-    env.pop("LAB_CONFIG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "lab.cli", "-c", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        cwd=config.parent,
-    )
+    """`lab -c CONFIG ARGS...` in this process (lab.cli.main), its exit code and output captured.
+
+    In-process keeps these tests fast; the CLI's own subprocess behaviour (exit
+    codes, one line on stderr) is the same code path. COLUMNS is small on
+    purpose: a long message must still be one line.
+    """
+    import contextlib
+    import io
+    import signal
+
+    from rich.console import Console
+
+    import lab.cli
+
+    out, err = io.StringIO(), io.StringIO()
+    old_term = signal.getsignal(signal.SIGTERM)
+    env = {k: v for k, v in os.environ.items() if k != "LAB_CONFIG"}
+    env.update(COLUMNS="60", TERM="dumb")
+    saved_env, saved_err, cwd = dict(os.environ), lab.cli.err_console, os.getcwd()
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(config.parent)
+        lab.cli.err_console = Console(stderr=True, width=60, soft_wrap=False)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = lab.cli.main(["-c", str(config), *args])
+    finally:
+        lab.cli.err_console = saved_err
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        signal.signal(signal.SIGTERM, old_term)
+    return subprocess.CompletedProcess(["lab", "-c", str(config), *args], rc, out.getvalue(), err.getvalue())
 
 
 def test_the_base_config_is_valid(assets, tmp_path):
