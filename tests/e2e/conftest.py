@@ -28,6 +28,7 @@ def make_lab_toml(tmp: Path, name: str, extra: str = "") -> Path:
     for rel in (
         "kernel/patches/nodrop",
         "kernel/patches/nodrop-v1",
+        "kernel/patches/nodrop-optin",
         "kernel/configs/lab-host.config",
         "images/bookworm.toml",
     ):
