@@ -56,8 +56,11 @@ from typing import Any, Self
 
 # <linux/if_tun.h>
 TUNSETIFF = 0x400454CA
+TUNGETIFF = 0x800454D2
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+# The nodrop-optin series' TUNSETIFF flag; kernels without it ignore the bit.
+IFF_BACKPRESSURE = 0x0080
 CLONE_NEWNET = 0x40000000
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)  # <linux/in.h>; not exported by every Python
 
@@ -229,6 +232,7 @@ class DropTestOptions:
     # How the tap is read: "poll" (poll + read), "blocking" (read() sleeping in
     # tun_ring_recv) or "vhost" (vhost-net consumes the ring into a virtqueue we drive).
     reader: str = "poll"
+    iff_backpressure: bool = False  # OR IFF_BACKPRESSURE into the tap's TUNSETIFF flags
     timeout: float = 60.0  # bound on the whole send + drain
     drain_idle: float = 1.0  # the reader stops after this long without frames once the sender is done
     address: str = "10.213.0.1"  # tap side of the /30
@@ -248,6 +252,7 @@ class DropTestResult:
     frames: int
     sent: int
     send_enobufs: int
+    send_enetdown: int  # sends that failed with ENETDOWN (a stopped queue under noqueue), then resent
     send_timeouts: int
     received: int
     gaps: int
@@ -268,6 +273,7 @@ class DropTestResult:
     read_every: int
     read_sleep_s: float
     reader: str
+    iff_backpressure: bool  # the tap has IFF_BACKPRESSURE, as TUNGETIFF reports it
 
 
 def run_droptest(opts: DropTestOptions) -> DropTestResult:
@@ -276,7 +282,8 @@ def run_droptest(opts: DropTestOptions) -> DropTestResult:
         raise DropTestError("the drop test needs root (it creates a tap and a network namespace)")
     if not Path("/dev/net/tun").exists():
         raise DropTestError("/dev/net/tun is missing (modprobe tun)")
-    with _in_netns(opts.netns) as netns, _tap(opts.tap) as fd:
+    extra = IFF_BACKPRESSURE if opts.iff_backpressure else 0
+    with _in_netns(opts.netns) as netns, _tap(opts.tap, extra) as fd:
         _setup_link(opts)
         return _Run(opts, fd, netns).go()
 
@@ -298,6 +305,7 @@ class _Run:
         self.other = 0
         self.sent = 0
         self.enobufs = 0
+        self.enetdown = 0
         self.timeouts = 0
         self.sender_done = threading.Event()
         self.reader_ready = threading.Event()  # the sender starts once the reader can read
@@ -337,6 +345,7 @@ class _Run:
             frames=o.frames,
             sent=self.sent,
             send_enobufs=self.enobufs,
+            send_enetdown=self.enetdown,
             send_timeouts=self.timeouts,
             received=self.seqs.received,
             gaps=self.seqs.lost(self.sent),
@@ -357,6 +366,7 @@ class _Run:
             read_every=o.read_every,
             read_sleep_s=o.read_sleep,
             reader=o.reader,
+            iff_backpressure=bool(_tap_flags(self.fd) & IFF_BACKPRESSURE),
         )
 
     def _watch(self) -> None:
@@ -427,6 +437,12 @@ class _Run:
                     if e.errno == errno.ENOBUFS:
                         self.enobufs += 1
                         time.sleep(0.0002)  # let the reader make room, then resend this number
+                        continue
+                    if e.errno == errno.ENETDOWN:
+                        # A stopped queue under noqueue: the core refuses the packet
+                        # ("asks to queue packet"). Visible to us, so not a gap: resend.
+                        self.enetdown += 1
+                        time.sleep(0.0002)
                         continue
                     if e.errno == errno.EAGAIN:
                         continue
@@ -649,13 +665,13 @@ def _in_netns(netns: str | None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _tap(name: str) -> Iterator[int]:
+def _tap(name: str, extra_flags: int = 0) -> Iterator[int]:
     """A non-persistent tap: it goes away when the fd is closed."""
     if len(name.encode()) > 15:
         raise DropTestError(f"tap name {name!r} is longer than 15 bytes")
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
     try:
-        ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI)
+        ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | extra_flags)
         try:
             fcntl.ioctl(fd, TUNSETIFF, ifr)
         except OSError as e:
@@ -663,6 +679,12 @@ def _tap(name: str) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+def _tap_flags(fd: int) -> int:
+    """The tap's TUNSETIFF flags as the kernel kept them (TUNGETIFF)."""
+    ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+    return struct.unpack_from("16sH", ifr)[1]
 
 
 def _setup_link(o: DropTestOptions) -> None:
@@ -724,7 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--qdisc",
         default=d.qdisc,
-        help=f'root qdisc for the tap, e.g. "pfifo limit 1000"; "default" keeps the kernel\'s (default {d.qdisc})',
+        help=f'root qdisc for the tap, e.g. "pfifo limit 1000", or "noqueue" (none: what libvirt gives its taps); '
+        f'"default" keeps the kernel\'s (default {d.qdisc})',
     )
     p.add_argument("--no-recverr", action="store_true", help="do not learn of local drops (ENOBUFS) nor resend")
     p.add_argument(
@@ -732,6 +755,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("poll", "blocking", "vhost"),
         default=d.reader,
         help="poll + read the tap; read() sleeping in it; or vhost-net taking from it (default poll)",
+    )
+    p.add_argument(
+        "--iff-backpressure",
+        action="store_true",
+        help="create the tap with IFF_BACKPRESSURE (0x0080, the nodrop-optin series; other kernels ignore it)",
     )
     p.add_argument("--timeout", type=float, default=d.timeout, help="bound on send + drain, seconds (default 60)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -752,6 +780,7 @@ def main(argv: list[str] | None = None) -> int:
         qdisc=args.qdisc,
         recverr=not args.no_recverr,
         reader=args.reader,
+        iff_backpressure=args.iff_backpressure,
         timeout=args.timeout,
     )
 
@@ -776,8 +805,8 @@ def main(argv: list[str] | None = None) -> int:
             f"sent {r.sent} received {r.received} gaps {r.gaps} ({r.gap_events} events); "
             f"tap tx_dropped {r.tap_tx_dropped} tx_packets {r.tap_tx_packets}; "
             f"qdisc drops {r.qdisc_drops} requeues {r.qdisc_requeues} backlog peak {r.qdisc_backlog_peak}; "
-            f"ENOBUFS {r.send_enobufs}; stall {r.stall} (max idle {r.max_reader_idle_s}s)"
-            f"; reader {r.reader}"
+            f"ENOBUFS {r.send_enobufs} ENETDOWN {r.send_enetdown}; stall {r.stall} (max idle {r.max_reader_idle_s}s)"
+            f"; reader {r.reader}" + ("; IFF_BACKPRESSURE" if r.iff_backpressure else "")
         )
     return 0
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from lab.artifacts.kernel import LAB_MODULES
 
-# Exported by the nodrop series' tun patch for vhost_net; absent on stock.
-NODROP_SYMBOL = "tun_get_tx_queue"
+# Exported by tun for vhost_net by one of the nodrop series (v1:
+# tun_get_tx_queue; v2 and opt-in: tun_wake_queue); absent on stock.
+NODROP_SYMBOLS = ("tun_get_tx_queue", "tun_wake_queue")
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def _nodrop_loaded() -> bool | None:
         return None
     try:
         with open("/proc/kallsyms") as f:
-            return any(line.rstrip().split()[2] == NODROP_SYMBOL for line in f if NODROP_SYMBOL in line)
+            return any(line.split()[2] in NODROP_SYMBOLS for line in f if "_queue" in line)
     except OSError:
         return None
 

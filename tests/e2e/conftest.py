@@ -25,7 +25,13 @@ def make_lab_toml(tmp: Path, name: str, extra: str = "") -> Path:
     """A copy of the repository's lab.toml under another lab name, paths absolute."""
     text = (REPO / "lab.toml").read_text()
     text = re.sub(r'(?m)^name = "vhl"', f'name = "{name}"', text, count=1)
-    for rel in ("kernel/patches/nodrop", "kernel/configs/lab-host.config", "images/bookworm.toml"):
+    for rel in (
+        "kernel/patches/nodrop",
+        "kernel/patches/nodrop-v1",
+        "kernel/patches/nodrop-optin",
+        "kernel/configs/lab-host.config",
+        "images/bookworm.toml",
+    ):
         text = text.replace(f'"{rel}"', f'"{REPO / rel}"')
     path = tmp / f"{name}.toml"
     path.write_text(text + extra)

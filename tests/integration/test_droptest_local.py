@@ -28,11 +28,13 @@ pytestmark = [
 
 
 def _kernel_has_nodrop() -> bool:
-    # The patched tun exports tun_get_tx_queue (kernel/patches/nodrop/0001).
+    # The nodrop-v1 tun exports tun_get_tx_queue; nodrop (v2) and nodrop-optin
+    # export tun_wake_queue instead (kernel/README.md).
     try:
-        return " tun_get_tx_queue" in Path("/proc/kallsyms").read_text()
+        syms = Path("/proc/kallsyms").read_text()
     except OSError:
         return False
+    return " tun_get_tx_queue" in syms or " tun_wake_queue" in syms
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +75,16 @@ def test_cli_prints_json_and_cleans_up(stock_only: None) -> None:
     assert netns.startswith("vhldt-")
     assert not Path("/run/netns", netns).exists()
     assert not Path("/sys/class/net/vhldti1").exists()
+
+
+def test_stock_noqueue_tail_drop_is_enobufs_never_enetdown(stock_only: None) -> None:
+    # Without a qdisc the driver's NET_XMIT_DROP reaches the sender (IP_RECVERR:
+    # ENOBUFS, resent), and a stock tap never stops its queue: no ENETDOWN.
+    # The IFF_BACKPRESSURE bit is ignored by a kernel that does not know it.
+    r = run_droptest(DropTestOptions(tap="vhldti2", txqueuelen=1, frames=3000, qdisc="noqueue", iff_backpressure=True, timeout=60))
+    assert r.qdisc == "noqueue"
+    assert r.iff_backpressure is False
+    assert r.sent == 3000 and not r.stall
+    assert r.send_enetdown == 0
+    assert r.gaps == 0
+    assert r.tap_tx_dropped > 0 and r.send_enobufs == r.tap_tx_dropped

@@ -186,8 +186,10 @@ def test_repo_lab_toml_loads_cleanly() -> None:
     assert cfg.source == DEFAULT_CONFIG
     assert cfg.root == DEFAULT_CONFIG.parent
     assert cfg.workdir == Path("~/.cache/vhost-lab").expanduser()
-    assert {"stock", "nodrop", "nodrop-full"} <= set(cfg.kernels)
+    assert list(cfg.kernels) == ["stock", "nodrop", "nodrop-v1", "nodrop-optin", "nodrop-full"]
     assert cfg.kernels["nodrop"].patches == (cfg.root / "kernel/patches/nodrop",)
+    assert cfg.kernels["nodrop-v1"].patches == (cfg.root / "kernel/patches/nodrop-v1",)
+    assert cfg.kernels["nodrop-optin"].patches == (cfg.root / "kernel/patches/nodrop-optin",)
     assert cfg.kernels["nodrop-full"].strategy == "full"
     assert cfg.kernels["stock"].debian_version == "6.12.117-1~deb12u1"
     assert cfg.images["bookworm"].recipe == cfg.root / "images/bookworm.toml"

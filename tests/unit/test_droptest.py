@@ -163,3 +163,9 @@ def test_cli_defaults_make_a_fast_sender_and_slow_reader() -> None:
     assert (args.tap, args.txqueuelen, args.json, args.netns) == ("dt0", 1, True, None)
     assert args.qdisc == "pfifo_fast"  # a FIFO: its overflow is ENOBUFS to the sender, never a gap
     assert args.read_every > 0 and args.read_sleep > 0
+
+
+def test_cli_iff_backpressure_is_off_unless_asked() -> None:
+    assert build_parser().parse_args([]).iff_backpressure is False
+    assert build_parser().parse_args(["--iff-backpressure"]).iff_backpressure is True
+    assert build_parser().parse_args(["--qdisc", "noqueue"]).qdisc == "noqueue"
