@@ -17,7 +17,7 @@ once, the recipes' modules swapped in turn (lab.session):
 - detach-while-stopped / backend-reset-while-stopped: a queue stopped, then its
   file detached and reattached (TUNSETQUEUE), or its vhost_net backend reset;
   traffic must resume on every queue, with no ring drops for a queue whose
-  reader drains (run on the host by lab.onhost.droptest's scenario mode).
+  reader drains (run on the host by lab.onhost.stoppedqueue).
 
 Drops are told apart by reason (FULL_RING from tun vs a qdisc's own), not by
 tx_dropped alone. Results: <workdir>/runs/<run-id>/scenarios.jsonl.
@@ -253,17 +253,17 @@ def multicast_one_paused(runner: ScenarioRunner, host: Any) -> tuple[str, str, d
     return (PASS if ok else FAIL), detail, numbers
 
 
-def _droptest_scenario(name: str) -> Callable[[ScenarioRunner, Any], tuple[str, str, dict[str, Any]]]:
+def _stoppedqueue_scenario(name: str) -> Callable[[ScenarioRunner, Any], tuple[str, str, dict[str, Any]]]:
     def run(runner: ScenarioRunner, host: Any) -> tuple[str, str, dict[str, Any]]:
         # the host's own taps and fds, no guest: none may hold the modules' queues
         runner.session.drop_guests(destroy=True)
-        res = host.run(host.python() + ["-m", "lab.onhost.droptest", "--scenario", name, "--json"], timeout=300, check=False)
+        res = host.run(host.python() + ["-m", "lab.onhost.stoppedqueue", name, "--json"], timeout=300, check=False)
         lines = res.stdout.strip().splitlines()
         if not lines:
-            raise LabError(f"droptest --scenario {name}: no output (rc {res.rc}): {res.stderr.strip()[-300:]}")
+            raise LabError(f"stoppedqueue {name}: no output (rc {res.rc}): {res.stderr.strip()[-300:]}")
         doc = json.loads(lines[-1])
         if "error" in doc:
-            raise LabError(f"droptest --scenario {name}: {doc['error']}")
+            raise LabError(f"stoppedqueue {name}: {doc['error']}")
         return str(doc["verdict"]), str(doc["detail"]), dict(doc.get("numbers") or {})
 
     return run
@@ -273,8 +273,8 @@ SCENARIO_FUNCS: dict[str, Callable[[ScenarioRunner, Any], tuple[str, str, dict[s
     "noqueue": noqueue,
     "paused-guest": paused_guest,
     "multicast-one-paused": multicast_one_paused,
-    "detach-while-stopped": _droptest_scenario("detach-while-stopped"),
-    "backend-reset-while-stopped": _droptest_scenario("backend-reset-while-stopped"),
+    "detach-while-stopped": _stoppedqueue_scenario("detach-while-stopped"),
+    "backend-reset-while-stopped": _stoppedqueue_scenario("backend-reset-while-stopped"),
 }
 
 

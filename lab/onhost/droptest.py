@@ -41,18 +41,19 @@ import json
 import os
 import platform
 import select
-import shlex
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
+
+from lab.errors import LabError
+from lab.onhost import net
 
 # <linux/if_tun.h>
 TUNSETIFF = 0x400454CA
@@ -73,6 +74,7 @@ IPPROTO_UDP = 17
 DEFAULT_PORT = 9  # discard
 STALL_SECONDS = 2.0
 NETNS_DIR = Path("/run/netns")
+PEER_MAC = "02:00:5e:00:53:02"  # the static neighbour's: nobody answers ARP behind a test tap
 
 
 class DropTestError(Exception):
@@ -80,7 +82,7 @@ class DropTestError(Exception):
 
 
 # --------------------------------------------------------------------------
-# Pure logic: frames, sequence accounting, iproute2 JSON (unit-tested)
+# Pure logic: frames, sequence accounting (unit-tested)
 # --------------------------------------------------------------------------
 
 
@@ -142,72 +144,13 @@ class SeqCounter:
             self.gap_events += 1
         self.highest = seq
 
+    def missing(self, seqs: Sequence[int]) -> list[int]:
+        """Those of `seqs` that never arrived."""
+        return [s for s in seqs if s not in self._seen]
+
     def lost(self, sent: int) -> int:
         """How many of the `sent` numbers (0 .. sent-1) never arrived."""
         return sent - sum(1 for s in self._seen if s < sent)
-
-
-@dataclass(frozen=True)
-class QdiscStats:
-    """Counters of the root qdisc of a device (summed over its children for mq)."""
-
-    kind: str = ""
-    packets: int = 0
-    drops: int = 0
-    requeues: int = 0
-    overlimits: int = 0
-    backlog_packets: int = 0
-    backlog_bytes: int = 0
-
-
-def parse_tc_qdisc_json(text: str) -> QdiscStats:
-    """Parse `tc -s -j qdisc show dev X`.
-
-    The root qdisc gives the kind; the counters are the root's, except under
-    a classless-children root such as mq, whose own counters are already the
-    sum of its children in current kernels (so the root is used as is).
-    """
-    text = text.strip()
-    if not text:
-        return QdiscStats()
-    data = json.loads(text)
-    if not isinstance(data, list) or not data:
-        return QdiscStats()
-    root = next((q for q in data if q.get("root")), data[0])
-    return QdiscStats(
-        kind=str(root.get("kind", "")),
-        packets=int(root.get("packets", 0)),
-        drops=int(root.get("drops", 0)),
-        requeues=int(root.get("requeues", 0)),
-        overlimits=int(root.get("overlimits", 0)),
-        backlog_packets=int(root.get("qlen", 0)),
-        backlog_bytes=int(root.get("backlog", 0)),
-    )
-
-
-@dataclass(frozen=True)
-class LinkStats:
-    """The tap's own counters (what `ip -s link` shows)."""
-
-    tx_packets: int = 0
-    tx_dropped: int = 0
-    rx_packets: int = 0
-
-
-def parse_ip_link_json(text: str) -> LinkStats:
-    """Parse `ip -s -j link show dev X` (stats64 when present, else stats)."""
-    data = json.loads(text)
-    if not isinstance(data, list) or not data:
-        raise ValueError("ip -j link: empty answer")
-    link = data[0]
-    stats = link.get("stats64") or link.get("stats") or {}
-    tx = stats.get("tx", {})
-    rx = stats.get("rx", {})
-    return LinkStats(
-        tx_packets=int(tx.get("packets", 0)),
-        tx_dropped=int(tx.get("dropped", 0)),
-        rx_packets=int(rx.get("packets", 0)),
-    )
 
 
 # --------------------------------------------------------------------------
@@ -283,8 +226,8 @@ def run_droptest(opts: DropTestOptions) -> DropTestResult:
     if not Path("/dev/net/tun").exists():
         raise DropTestError("/dev/net/tun is missing (modprobe tun)")
     extra = IFF_BACKPRESSURE if opts.iff_backpressure else 0
-    with _in_netns(opts.netns) as netns, _tap(opts.tap, extra) as fd:
-        _setup_link(opts)
+    with in_netns(opts.netns) as netns, open_tap(opts.tap, extra) as fd:
+        setup_link(opts)
         return _Run(opts, fd, netns).go()
 
 
@@ -319,7 +262,7 @@ class _Run:
 
     def go(self) -> DropTestResult:
         o = self.opts
-        link0, qdisc0 = _link_stats(o.tap), _qdisc_stats(o.tap)
+        before = net.read_counters(o.tap)
         started = time.monotonic()
         self.deadline = started + o.timeout
         reader = threading.Thread(target=self._guard, args=(self._read,), name="reader", daemon=True)
@@ -335,13 +278,13 @@ class _Run:
         duration = time.monotonic() - started
         if self.errors:
             raise DropTestError(f"drop test failed: {self.errors[0]!r}")
-        link1, qdisc1 = _link_stats(o.tap), _qdisc_stats(o.tap)
+        change = net.delta(before, net.read_counters(o.tap))
         return DropTestResult(
             kernel_release=platform.release(),
             tap=o.tap,
             netns=self.netns,
             txqueuelen=o.txqueuelen,
-            qdisc=qdisc1.kind,
+            qdisc=change.qdisc.kind,
             frames=o.frames,
             sent=self.sent,
             send_enobufs=self.enobufs,
@@ -353,11 +296,11 @@ class _Run:
             duplicates=self.seqs.duplicates,
             reordered=self.seqs.reordered,
             other_frames=self.other,
-            tap_tx_dropped=link1.tx_dropped - link0.tx_dropped,
-            tap_tx_packets=link1.tx_packets - link0.tx_packets,
-            qdisc_drops=qdisc1.drops - qdisc0.drops,
-            qdisc_requeues=qdisc1.requeues - qdisc0.requeues,
-            qdisc_overlimits=qdisc1.overlimits - qdisc0.overlimits,
+            tap_tx_dropped=change.tap.tx_dropped,
+            tap_tx_packets=change.tap.tx_packets,
+            qdisc_drops=change.qdisc.drops,
+            qdisc_requeues=change.qdisc.requeues,
+            qdisc_overlimits=change.qdisc.overlimits,
             qdisc_backlog_peak=self.backlog_peak,
             stall=self.stall,
             max_reader_idle_s=round(self.max_idle, 3),
@@ -375,9 +318,14 @@ class _Run:
             if time.monotonic() >= self.deadline:
                 return
             self.reader_ready.wait(0.05)
+        with net.root_qdisc_reader(o.tap) as read_qdisc:
+            self._watch_backlog(read_qdisc)
+
+    def _watch_backlog(self, read_qdisc: Callable[[], net.QdiscCounters]) -> None:
+        o = self.opts
         while not self.stop.is_set():
             # The qdisc is where a stopped queue keeps the frames it holds back.
-            backlog = _qdisc_stats(o.tap).backlog_packets
+            backlog = read_qdisc().backlog_packets
             self.backlog_peak = max(self.backlog_peak, backlog)
             now = time.monotonic()
             idle = now - self.last_rx
@@ -574,10 +522,10 @@ class VhostRx:
             for i in range(self.NUM):
                 struct.pack_into("<QIHH", self.mem, self.DESC + 16 * i, self.base + self.BUFS + i * self.BUF, self.BUF, VRING_DESC_F_WRITE, 0)
                 self.recycle(i)
-            fcntl.ioctl(self.fd, VHOST_NET_SET_BACKEND, struct.pack("<Ii", VHOST_RX_VQ, tap_fd))
-        except OSError as e:
+            self.set_backend(tap_fd)
+        except (OSError, DropTestError) as e:
             self.close()
-            raise DropTestError(f"vhost-net setup: {e.strerror}") from e
+            raise DropTestError(f"vhost-net setup: {getattr(e, 'strerror', None) or e}") from e
         self.kick()
 
     def recycle(self, desc: int) -> None:
@@ -586,6 +534,13 @@ class VhostRx:
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         # x86 keeps stores in order: the entry is visible before the index.
         struct.pack_into("<H", self.mem, self.AVAIL + 2, self.avail_idx)
+
+    def set_backend(self, tap_fd: int) -> None:
+        """Attach vhost-net to the tap behind `tap_fd`, or detach it (-1), as QEMU does on a vhost stop/start."""
+        try:
+            fcntl.ioctl(self.fd, VHOST_NET_SET_BACKEND, struct.pack("<Ii", VHOST_RX_VQ, tap_fd))
+        except OSError as e:
+            raise DropTestError(f"VHOST_NET_SET_BACKEND {tap_fd}: {e.strerror}") from e
 
     def kick(self) -> None:
         """Tell vhost there are buffers."""
@@ -636,15 +591,15 @@ def _setns(fd: int) -> None:
 
 
 @contextlib.contextmanager
-def _in_netns(netns: str | None) -> Iterator[str]:
-    """Move this process into the test's network namespace for the duration."""
+def in_netns(netns: str | None) -> Iterator[str]:
+    """Move this process into the test's network namespace for the duration (None: a new one, removed after)."""
     if netns == "current":
         yield "current"
         return
     name = netns or f"vhldt-{os.getpid()}"
     created = False
     if netns is None:
-        _ip(["netns", "add", name])
+        net.create_netns(name)
         created = True
     home = os.open("/proc/self/ns/net", os.O_RDONLY)
     try:
@@ -660,13 +615,16 @@ def _in_netns(netns: str | None) -> Iterator[str]:
     finally:
         os.close(home)
         if created:
-            with contextlib.suppress(DropTestError):
-                _ip(["netns", "del", name])
+            net.delete_netns(name)
 
 
 @contextlib.contextmanager
-def _tap(name: str, extra_flags: int = 0) -> Iterator[int]:
-    """A non-persistent tap: it goes away when the fd is closed."""
+def open_tap(name: str, extra_flags: int = 0) -> Iterator[int]:
+    """A non-persistent tap: it goes away when its last fd is closed.
+
+    With IFF_MULTI_QUEUE in `extra_flags`, opening the same name again
+    attaches one more queue (one more fd, one more ring).
+    """
     if len(name.encode()) > 15:
         raise DropTestError(f"tap name {name!r} is longer than 15 bytes")
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
@@ -687,40 +645,19 @@ def _tap_flags(fd: int) -> int:
     return struct.unpack_from("16sH", ifr)[1]
 
 
-def _setup_link(o: DropTestOptions) -> None:
+def setup_link(o: DropTestOptions) -> None:
+    """The test tap up in its /30 with txqueuelen, the static neighbour, and the root qdisc of `o`."""
     # No IPv6 on the tap: router solicitations and MLD would take ring slots.
     disable_v6 = Path(f"/proc/sys/net/ipv6/conf/{o.tap}/disable_ipv6")
     if disable_v6.exists():
         disable_v6.write_text("1")
-    _ip(["link", "set", "dev", o.tap, "txqueuelen", str(o.txqueuelen)])
-    _ip(["addr", "add", f"{o.address}/30", "dev", o.tap])
-    _ip(["link", "set", "dev", o.tap, "up"])
-    _ip(["neigh", "replace", o.peer, "lladdr", "02:00:5e:00:53:02", "dev", o.tap, "nud", "permanent"])
+    net.configure_link(o.tap, f"{o.address}/30", txqueuelen=o.txqueuelen, neighbour=(o.peer, PEER_MAC))
     if o.qdisc and o.qdisc != "default":
-        _run(["tc", "qdisc", "replace", "dev", o.tap, "root", *shlex.split(o.qdisc)])
-
-
-def _run(argv: list[str]) -> str:
-    try:
-        proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=30)
-    except FileNotFoundError as e:
-        raise DropTestError(f"{argv[0]} is not installed (iproute2)") from e
-    if proc.returncode != 0:
-        raise DropTestError(f"`{shlex.join(argv)}` exited {proc.returncode}: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def _ip(args: list[str]) -> str:
-    return _run(["ip", *args])
-
-
-def _link_stats(tap: str) -> LinkStats:
-    # Not /sys/class/net: sysfs shows the namespace it was mounted in, not ours.
-    return parse_ip_link_json(_ip(["-s", "-j", "link", "show", "dev", tap]))
-
-
-def _qdisc_stats(tap: str) -> QdiscStats:
-    return parse_tc_qdisc_json(_run(["tc", "-s", "-j", "qdisc", "show", "dev", tap]))
+        kind, params = net.parse_qdisc_spec(o.qdisc)
+        if params:
+            net.set_root_qdisc(o.tap, kind, **params)
+        else:
+            net.set_qdisc(o.tap, kind)
 
 
 # --------------------------------------------------------------------------
@@ -790,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     try:
         result = run_droptest(opts)
-    except (DropTestError, ValueError) as e:
+    except (DropTestError, LabError, ValueError) as e:
         if args.json:
             print(json.dumps({"error": str(e)}))
         else:

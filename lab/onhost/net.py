@@ -30,7 +30,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -739,25 +739,34 @@ class BacklogSampler:
 
     def _run(self) -> None:
         try:
-            with _ipr(self.netns) as ipr:
-                idx = _index(ipr, self.dev, self.netns)
+            with root_qdisc_reader(self.dev, self.netns) as read:
                 while True:
-                    q = _read_root_qdisc(ipr, idx, self.dev, self.netns)
-                    self._bytes = max(self._bytes, q.backlog_bytes)
-                    self._packets = max(self._packets, q.backlog_packets)
-                    self._samples += 1
+                    self._take(read())
                     self._ready.set()
                     if self._stop.wait(self.interval_ms / 1000.0):
-                        # one more sample after stop(): the tail of the run counts too
-                        q = _read_root_qdisc(ipr, idx, self.dev, self.netns)
-                        self._bytes = max(self._bytes, q.backlog_bytes)
-                        self._packets = max(self._packets, q.backlog_packets)
-                        self._samples += 1
+                        self._take(read())  # one more sample after stop(): the tail of the run counts too
                         return
         except Exception as exc:
             self._error = f"{type(exc).__name__}: {exc}"
         finally:
             self._ready.set()
+
+    def _take(self, q: QdiscCounters) -> None:
+        self._bytes = max(self._bytes, q.backlog_bytes)
+        self._packets = max(self._packets, q.backlog_packets)
+        self._samples += 1
+
+
+@contextmanager
+def root_qdisc_reader(dev: str, netns: str | None = None) -> Iterator[Callable[[], QdiscCounters]]:
+    """A function reading `dev`'s root qdisc counters over one netlink socket, for a sampling loop.
+
+    One thread only: pyroute2 sockets are not shared across threads.
+    """
+    validate_ifname(dev, "dev")
+    with _ipr(netns) as ipr:
+        idx = _index(ipr, dev, netns)
+        yield lambda: _read_root_qdisc(ipr, idx, dev, netns)
 
 
 # --------------------------------------------------------------------------
@@ -810,3 +819,74 @@ def delete_bridge(name: str, netns: str | None = None) -> bool:
             raise NetError(f"{_where(name, netns)} is not a bridge; not deleting it")
         ipr.link("del", index=idx)
     return True
+
+
+# --------------------------------------------------------------------------
+# namespaces and a link's address (a test's private /30)
+
+
+def create_netns(name: str) -> None:
+    """Create the named network namespace /run/netns/NAME (NetError if it exists)."""
+    from pyroute2 import netns as _netns
+
+    validate_netns(name)
+    if name in _netns.listnetns():
+        raise NetError(f"network namespace {name!r} exists already")
+    try:
+        _netns.create(name)
+    except Exception as exc:
+        raise NetError(f"creating network namespace {name!r} failed: {exc}") from exc
+
+
+def delete_netns(name: str) -> bool:
+    """Remove the named network namespace; False when there was none."""
+    from pyroute2 import netns as _netns
+
+    validate_netns(name)
+    if name not in _netns.listnetns():
+        return False
+    _netns.remove(name)
+    return True
+
+
+def configure_link(
+    dev: str, address: str, *, txqueuelen: int | None = None, neighbour: tuple[str, str] | None = None, netns: str | None = None
+) -> None:
+    """Bring `dev` up with `address` (CIDR), optionally its txqueuelen and one permanent neighbour (ip, lladdr).
+
+    A permanent neighbour lets datagrams be routed out of a tap nobody
+    answers ARP on: the frames leave through the tap without a peer.
+    """
+    validate_ifname(dev, "dev")
+    iface = ipaddress.ip_interface(address)
+    with _ipr(netns) as ipr:
+        idx = _index(ipr, dev, netns)
+        try:
+            if txqueuelen is not None:
+                _validate_uint(txqueuelen, "txqueuelen")
+                ipr.link("set", index=idx, txqlen=txqueuelen)
+            ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            ipr.link("set", index=idx, state="up")
+            if neighbour is not None:
+                from pyroute2.netlink.rtnl.ndmsg import states
+
+                ipr.neigh("replace", dst=neighbour[0], lladdr=neighbour[1], ifindex=idx, state=states["permanent"])
+        except Exception as exc:
+            raise NetError(f"{_where(dev, netns)}: configuring {address} failed: {exc}") from exc
+        got = _get_link(ipr, idx).get_attr("IFLA_TXQLEN")
+    if txqueuelen is not None and got != txqueuelen:
+        raise NetError(f"{_where(dev, netns)}: txqueuelen reads back {got}, wanted {txqueuelen}")
+
+
+def parse_qdisc_spec(spec: str) -> tuple[str, dict[str, int | str]]:
+    """ "pfifo limit 1000" -> ("pfifo", {"limit": 1000}): a root qdisc as tc would be told it, for set_root_qdisc."""
+    words = spec.split()
+    if not words:
+        raise ValueError("qdisc: empty")
+    kind, rest = words[0], words[1:]
+    if len(rest) % 2:
+        raise ValueError(f"qdisc {spec!r}: parameters come in pairs (name value)")
+    params: dict[str, int | str] = {}
+    for key, value in zip(rest[::2], rest[1::2], strict=True):
+        params[key] = int(value) if value.isdigit() else value
+    return kind, params

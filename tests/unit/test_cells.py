@@ -341,5 +341,8 @@ def test_upstream_review_matrix(default_lab) -> None:
     spec = default_lab.matrices["upstream-review"]
     cells_ = expand(spec)
     points = {dataclasses.replace(c, kernel="x", repeat=1).point for c in cells_}
-    assert {p.streams for p in points} == {1, 8} and {p.qdisc for p in points} == {"default", "noqueue"}
+    assert {p.streams for p in points} == {1, 8} and {p.qdisc for p in points} == {"default", "fq_codel", "noqueue"}
     assert {p.threads for p in points if p.kind == "pktgen"} == {1, 4} and {p.queues for p in points} == {4}
+    assert set(spec.kernels) == {"stock", "nodrop", "nodrop-optin-on"}
+    # per kernel: 2 stream counts x 3 qdiscs iperf3 points + 3 qdiscs x 2 thread counts pktgen points, 3 repeats each
+    assert len(cells_) == 3 * (2 * 3 + 3 * 2) * 3

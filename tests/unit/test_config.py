@@ -186,7 +186,9 @@ def test_repo_lab_toml_loads_cleanly() -> None:
     assert cfg.source == DEFAULT_CONFIG
     assert cfg.root == DEFAULT_CONFIG.parent
     assert cfg.workdir == Path("~/.cache/vhost-lab").expanduser()
-    assert list(cfg.kernels) == ["stock", "nodrop", "nodrop-v1", "nodrop-optin", "nodrop-full"]
+    assert list(cfg.kernels) == ["stock", "nodrop", "nodrop-v1", "nodrop-optin", "nodrop-optin-on", "nodrop-full"]
+    assert cfg.kernels["nodrop-optin-on"].cmdline == ("tun.backpressure_all=1",)
+    assert cfg.scenarios is not None and "nodrop-optin-on" in cfg.scenarios.kernels
     assert cfg.kernels["nodrop"].patches == (cfg.root / "kernel/patches/nodrop",)
     assert cfg.kernels["nodrop-v1"].patches == (cfg.root / "kernel/patches/nodrop-v1",)
     assert cfg.kernels["nodrop-optin"].patches == (cfg.root / "kernel/patches/nodrop-optin",)

@@ -1,22 +1,17 @@
-"""lab.onhost.droptest's pure parts: frame parsing, sequence accounting, iproute2 JSON."""
+"""lab.onhost.droptest's pure parts: frame parsing, sequence accounting, the command line."""
 
 from __future__ import annotations
 
-import json
 import struct
 
 import pytest
 
 from lab.onhost.droptest import (
     MAGIC,
-    LinkStats,
-    QdiscStats,
     SeqCounter,
     build_parser,
     build_payload,
     parse_frame,
-    parse_ip_link_json,
-    parse_tc_qdisc_json,
 )
 
 
@@ -109,53 +104,6 @@ class TestSeqCounter:
         c.add(0)
         c.add(9)
         assert c.lost(2) == 1
-
-
-# Captured from iproute2 6.1 (`tc -s -j qdisc show dev s0`, `ip -s -j link show dev s0`).
-TC_PFIFO = (
-    '[{"kind":"pfifo","handle":"8019:","root":true,"refcnt":2,"options":{"limit":10},"bytes":1200,'
-    '"packets":12,"drops":3,"overlimits":0,"requeues":1,"backlog":600,"qlen":6}]'
-)
-TC_MQ = json.dumps(
-    [
-        {"kind": "mq", "handle": "0:", "root": True, "bytes": 10, "packets": 5, "drops": 4, "overlimits": 0,
-         "requeues": 2, "backlog": 0, "qlen": 1},
-        {"kind": "pfifo_fast", "handle": "0:", "parent": ":1", "bytes": 10, "packets": 5, "drops": 4,
-         "overlimits": 0, "requeues": 2, "backlog": 0, "qlen": 1},
-    ]
-)
-IP_LINK = (
-    '[{"ifindex":2,"ifname":"s0","flags":["BROADCAST","MULTICAST","UP"],"mtu":1500,"qdisc":"pfifo",'
-    '"txqlen":1,"link_type":"ether","address":"a2:16:aa:cc:6a:49","stats64":{"rx":{"bytes":0,"packets":4,'
-    '"errors":0,"dropped":0,"over_errors":0,"multicast":0},"tx":{"bytes":99,"packets":680,"errors":0,'
-    '"dropped":19320,"carrier_errors":0,"collisions":0}}}]'
-)
-
-
-class TestIproute2Json:
-    def test_tc_root_counters(self) -> None:
-        assert parse_tc_qdisc_json(TC_PFIFO) == QdiscStats(
-            kind="pfifo", packets=12, drops=3, requeues=1, overlimits=0, backlog_packets=6, backlog_bytes=600
-        )
-
-    def test_tc_mq_uses_the_root_not_the_sum_of_both(self) -> None:
-        q = parse_tc_qdisc_json(TC_MQ)
-        assert (q.kind, q.drops, q.requeues, q.backlog_packets) == ("mq", 4, 2, 1)
-
-    def test_tc_empty_answer(self) -> None:
-        assert parse_tc_qdisc_json("") == QdiscStats()
-        assert parse_tc_qdisc_json("[]") == QdiscStats()
-
-    def test_ip_link_stats64(self) -> None:
-        assert parse_ip_link_json(IP_LINK) == LinkStats(tx_packets=680, tx_dropped=19320, rx_packets=4)
-
-    def test_ip_link_old_stats_key(self) -> None:
-        text = json.dumps([{"ifname": "s0", "stats": {"tx": {"packets": 2, "dropped": 1}, "rx": {"packets": 3}}}])
-        assert parse_ip_link_json(text) == LinkStats(tx_packets=2, tx_dropped=1, rx_packets=3)
-
-    def test_ip_link_no_such_device(self) -> None:
-        with pytest.raises(ValueError):
-            parse_ip_link_json("[]")
 
 
 def test_cli_defaults_make_a_fast_sender_and_slow_reader() -> None:

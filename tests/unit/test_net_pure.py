@@ -135,3 +135,15 @@ def test_delta_u32_wrap_and_device_changes():
         net.delta(_counters(ifindex=3), _counters(ifindex=4))
     with pytest.raises(ValueError, match="backwards"):
         net.delta(_counters(tx_packets=10), _counters(tx_packets=3))
+
+
+def test_qdisc_spec_as_tc_would_be_told_it() -> None:
+    from lab.onhost.net import parse_qdisc_spec
+
+    assert parse_qdisc_spec("pfifo limit 1000") == ("pfifo", {"limit": 1000})
+    assert parse_qdisc_spec("noqueue") == ("noqueue", {})
+    assert parse_qdisc_spec("fq_codel target 5ms") == ("fq_codel", {"target": "5ms"})
+    with pytest.raises(ValueError, match="pairs"):
+        parse_qdisc_spec("pfifo limit")
+    with pytest.raises(ValueError, match="empty"):
+        parse_qdisc_spec("  ")
