@@ -7,8 +7,14 @@ numbered UDP datagrams out of a tap faster than a reader drains the tap's fd
 The recipes (kernel/README.md):
 
 - stock: tail-drops at the ring; what went missing is what the tap dropped.
-- nodrop (v2), nodrop-v1: hold back (the qdisc keeps the backlog): no gap,
-  no tap tx_dropped, no stall.
+- nodrop (v2): holds back (the qdisc keeps the backlog): no gap, no tap
+  tx_dropped, no stall.
+- nodrop-v1: holds back too, but not always completely: its reader can wake
+  the queue after the producer refilled the ring, and the next packet is
+  then dropped at the ring (measured with vhost-net reading: 1 in 5000 once,
+  and 5, 3, 0, 3 in 50000). So for it the
+  test asserts that what went missing is what the ring dropped, that this
+  stays under 1 %, and that the qdisc took the backlog.
 - nodrop-optin: stock-like unless the tap has IFF_BACKPRESSURE, asked for
   with `--iff-backpressure` or forced by the lab-only module parameter
   tun.backpressure_all; then it holds back like nodrop.
@@ -17,9 +23,7 @@ The recipes (kernel/README.md):
   nodrop, nodrop-optin and stock tail-drop instead.
 - a long run with vhost-net reading as fast as it can (50000 datagrams, no
   pauses) gives the consumer's wake many chances to race with the producer:
-  nodrop-v1 can wake a queue in front of a full ring there and drop at the
-  ring (seen: 5 of 50000), which is only reported; nodrop and nodrop-optin
-  must still drop nothing.
+  nodrop and nodrop-optin must still drop nothing.
 
 The recipe is a module-scoped parameter, so pytest groups the tests by it and
 each recipe boots once (a host already on the wanted kernel is reused). The lab
@@ -59,7 +63,7 @@ SYMBOLS = {
 @dataclass(frozen=True)
 class Case:
     kernel: str
-    expect: str  # "drops" | "holds" | "noqueue-tail-drop" | "noqueue-enetdown"
+    expect: str  # "drops" | "holds" | "mostly-holds" | "noqueue-tail-drop" | "noqueue-enetdown"
     reader: str = "poll"
     txqueuelen: int = 1
     qdisc: str = "pfifo_fast"
@@ -90,9 +94,9 @@ def _cases() -> list[Case]:
     out += [Case("nodrop", "holds", reader, qlen) for reader, qlen in READERS]
     out.append(Case("nodrop", "noqueue-tail-drop", qdisc="noqueue"))
     out.append(Case("nodrop", "holds", "vhost", 1, frames=LONG_FRAMES, read_every=0))
-    out += [Case("nodrop-v1", "holds", reader, qlen) for reader, qlen in READERS]
+    out += [Case("nodrop-v1", "mostly-holds", reader, qlen) for reader, qlen in READERS]
     out.append(Case("nodrop-v1", "noqueue-enetdown", qdisc="noqueue"))
-    out.append(Case("nodrop-v1", "observe", "vhost", 1, frames=LONG_FRAMES, read_every=0))
+    out.append(Case("nodrop-v1", "mostly-holds", "vhost", 1, frames=LONG_FRAMES, read_every=0))
     optin = "nodrop-optin"
     out += [
         # Neither the flag nor the knob: as stock.
@@ -211,6 +215,11 @@ def test_full_ring(recipe_host, case: Case):
         assert out["tap_tx_dropped"] == 0, out
         # The backlog moved up into the qdisc: the stopped queue shows as requeues or a backlog.
         assert out["qdisc_requeues"] > 0 or out["qdisc_backlog_peak"] > 0, out
+    elif case.expect == "mostly-holds":
+        # nodrop-v1: a spurious wake in front of a full ring drops the next packet.
+        assert out["gaps"] == out["tap_tx_dropped"], out
+        assert out["tap_tx_dropped"] <= case.frames // 100, out
+        assert out["qdisc_requeues"] > 0 or out["qdisc_backlog_peak"] > 0, out
     elif case.expect == "noqueue-tail-drop":
         # No qdisc to hold anything: the ring tail-drops (the driver's drop
         # reaches the sender as ENOBUFS, which resends), and the queue is
@@ -225,8 +234,5 @@ def test_full_ring(recipe_host, case: Case):
         assert out["qdisc"] == "noqueue", out
         assert out["send_enetdown"] > 0, out
         assert out["asks_to_queue"] > 0, out
-    elif case.expect == "observe":
-        # Reported, not asserted: whether nodrop-v1 drops here is a race.
-        assert out["gaps"] == out["tap_tx_dropped"], out
     else:
         raise AssertionError(case.expect)
