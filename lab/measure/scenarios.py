@@ -47,6 +47,7 @@ SCENARIOS = ("noqueue", "paused-guest", "multicast-one-paused", "detach-while-st
 PASS, FAIL, NA = "PASS", "FAIL", "n/a"
 ASKS_TO_QUEUE = "asks to queue packet"
 SENDER_BOUND_S = 10.0  # a host sender to a paused guest must return within this
+ATTEMPTS = 2  # a scenario whose set-up failed (not its verdict) runs once more
 SENDER_SETTLE_S = 4.0  # stock's sender returns in under a second; a stuck one is stuck by then
 KEEP_RATE = 0.5  # the unpaused guest keeps at least this share of its rate
 MULTICAST_DELIVERED = 0.9  # ... and receives at least this share of a multicast burst
@@ -92,14 +93,21 @@ class ScenarioRunner:
         for name in names:
             t0, at = time.monotonic(), now_iso()
             self.emit(Step(f"{arm or recipe}", f"scenario {name}"))
-            try:
-                host = self.session.kernel(recipe, arm)
-                verdict, detail, numbers = SCENARIO_FUNCS[name](self, host)
-            except HostGone:
-                raise
-            except Exception as exc:
-                verdict, detail, numbers = NA, f"could not run: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", {}
-                self.session.drop_guests(destroy=True)
+            for attempt in range(1, ATTEMPTS + 1):
+                try:
+                    host = self.session.kernel(recipe, arm)
+                    verdict, detail, numbers = SCENARIO_FUNCS[name](self, host)
+                    break
+                except HostGone:
+                    raise
+                except Exception as exc:
+                    # A guest that did not boot or answer (a loaded machine) is not a
+                    # verdict: fresh guests once more, then n/a with the reason.
+                    verdict, detail, numbers = NA, f"could not run: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", {}
+                    self.session.drop_guests(destroy=True)
+                    if attempt < ATTEMPTS:
+                        self.emit(Step(f"{arm or recipe}", f"scenario {name}: {detail}; trying again", warning=True))
+            numbers = {**numbers, "attempts": attempt}
             st = self.session.state
             out.append(ScenarioResult(name, arm or recipe, verdict, detail, numbers, round(time.monotonic() - t0, 1),
                                       st.boot_id if st else None, self.session.modules_loaded(), at, now_iso()))
