@@ -90,7 +90,7 @@ def tests(session: nox.Session) -> None:
     """
     unit = _unit_only(session.posargs)
     prepare(session, system=not unit)
-    args = session.posargs or ["tests", "-m", "not matrix and not kernel_full and not soak and not scenarios"]
+    args = session.posargs or ["tests", "-m", "not matrix and not kernel_full and not kernel_series and not soak and not scenarios"]
     session.run("pytest", "-p", "no:cacheprovider", *args)
     if not session.posargs:
         session.run("pytest", "tests/matrix", "--profile", "smoke", "-p", "no:cacheprovider")
@@ -111,6 +111,13 @@ def kernel_full(session: nox.Session) -> None:
     """Build the nodrop kernel as a full bzImage, boot it as a lab host, run the drop test."""
     prepare(session)
     session.run("pytest", "tests/e2e/test_kernel_full.py", "-m", "kernel_full", *session.posargs)
+
+
+@nox.session(name="kernel-series")
+def kernel_series(session: nox.Session) -> None:
+    """Every drop-test case on every kernel recipe, one lab host boot (about 40 min); CI runs the core ones."""
+    prepare(session)
+    session.run("pytest", "tests/e2e/test_kernel_drop.py", "-p", "no:cacheprovider", "-s", *session.posargs)
 
 
 @nox.session(name="labhost-soak")
