@@ -9,11 +9,11 @@ A backpressuring tap stops its tx queue when the ring fills and relies on
 whoever drains the ring to wake it. Two ways a reader legitimately goes away
 and comes back leave no read to do that wake:
 
-- detach-while-stopped: a multiqueue tap (two queues, this process holds both
-  files) with nobody reading: both rings fill, both queues stop. File 0 is
-  detached (TUNSETQUEUE IFF_DETACH_QUEUE: its ring is purged and file 1 takes
-  over its queue index) and attached again (it gets index 1, an empty ring, a
-  queue stopped by the file that owned it before). QEMU does this when a guest
+- detach-while-stopped: a multiqueue tap (four queues, this process holds
+  every file) with nobody reading: the rings fill, the queues stop. File 0 is
+  detached (TUNSETQUEUE IFF_DETACH_QUEUE: its ring is purged and the last file
+  takes over its queue index) and attached again (it gets the last index, an
+  empty ring, a queue stopped by the file that owned it before). QEMU does this when a guest
   changes its number of queues (ethtool -L).
 - backend-reset-while-stopped: vhost-net reads the tap into a virtqueue whose
   buffers this process (the "guest") never hands back: the ring fills and
@@ -21,10 +21,11 @@ and comes back leave no read to do that wake:
   tap again), as QEMU does on a vhost stop/start (migration, a device reset).
 
 Then both read as fast as they can, and a paced second burst goes out over
-16 flows (so both queues of the multiqueue tap get some). PASS: every
+16 flows (so every queue of the multiqueue tap gets some). PASS: every
 datagram of that burst the sender had no error for arrives, every queue
 delivers some of it, nothing is left in the qdisc, and the tap drops nothing
-at its ring meanwhile. On stock the queue never stops (the ring tail-drops),
+at its ring meanwhile (by drop reason, FULL_RING, where the kernel has hist
+triggers; else tap tx_dropped). On stock the queue never stops (the ring tail-drops),
 so this passes there by construction; it is the patched kernels it tests.
 
 The numbers: the first burst's fate (sent, send errors, ring drops, qdisc
@@ -52,6 +53,7 @@ from typing import Any
 
 from lab.errors import LabError
 from lab.onhost import net
+from lab.onhost.drops import RING_REASON, DropCounter
 from lab.onhost.droptest import (
     IP_RECVERR,
     DropTestError,
@@ -72,6 +74,7 @@ IFF_MULTI_QUEUE = 0x0100
 IFF_ATTACH_QUEUE = 0x0200
 IFF_DETACH_QUEUE = 0x0400
 FLOWS = 16
+QUEUES = 4
 FIRST_BURST = 600  # far more than ring + qdisc hold: both fill
 SECOND_BURST = 400
 PACE_S = 0.002  # second burst: one datagram every 2 ms, well within what a reader drains
@@ -119,8 +122,13 @@ def judge(
     counter: SeqCounter,
     second_change: net.CountersDelta,
     backlog_end: int,
+    second_reasons: dict[str, int] | None = None,
 ) -> StoppedQueueResult:
-    """The verdict from what the two bursts saw (pure: unit-tested)."""
+    """The verdict from what the two bursts saw (pure: unit-tested).
+
+    `second_reasons`: drops by reason during the second burst (None: not
+    countable here, then tap tx_dropped stands in for FULL_RING).
+    """
     lost = counter.missing(second.sent)
     silent = [i for i, n in enumerate(per_queue) if n == 0]
     stopped = backlog_stopped > 0 and first_change.tap.tx_dropped == 0
@@ -133,8 +141,9 @@ def judge(
         problems.append("queue " + ", ".join(map(str, silent)) + " delivered nothing")
     if backlog_end:
         problems.append(f"{backlog_end} left in the qdisc")
-    if second_change.tap.tx_dropped:
-        problems.append(f"{second_change.tap.tx_dropped} ring drops while the reader drained")
+    ring_drops = second_change.tap.tx_dropped if second_reasons is None else second_reasons.get(RING_REASON, 0)
+    if ring_drops:
+        problems.append(f"{ring_drops} ring drops while the reader drained")
     before = (
         f"first burst: queue stopped ({backlog_stopped} held in the qdisc, no ring drop)"
         if stopped
@@ -152,7 +161,8 @@ def judge(
         "second_refused": second.refused,
         "second_lost": len(lost),
         "second_per_queue": list(per_queue),
-        "second_ring_drops": second_change.tap.tx_dropped,
+        "second_ring_drops": ring_drops,
+        "second_drop_reasons": second_reasons,
         "backlog_end": backlog_end,
     }
     if problems:
@@ -306,25 +316,25 @@ def _set_queue(fd: int, flags: int) -> None:
 
 
 def detach_while_stopped(opts: StoppedQueueOptions) -> StoppedQueueResult:
-    """Both queues of a two-queue tap stopped, file 0 detached and attached again, then read."""
+    """Every queue of a four-queue tap stopped, file 0 detached and attached again, then read."""
     link = DropTestOptions(tap=opts.tap, txqueuelen=opts.txqueuelen, qdisc="default")
-    with open_tap(opts.tap, IFF_MULTI_QUEUE) as fd0, open_tap(opts.tap, IFF_MULTI_QUEUE) as fd1:
+    with contextlib.ExitStack() as stack:
+        fds = [stack.enter_context(open_tap(opts.tap, IFF_MULTI_QUEUE)) for _ in range(QUEUES)]
         setup_link(link)
         senders = _Senders(link, opts.flows)
-        try:
-            before = net.read_counters(opts.tap)
-            first = senders.burst(0, opts.first_burst)
-            stopped = _wait_backlog_settles(opts.tap)
-            mid = net.read_counters(opts.tap)
-            _set_queue(fd0, IFF_DETACH_QUEUE)
-            time.sleep(0.1)
-            _set_queue(fd0, IFF_ATTACH_QUEUE)
-            with _Drain(2, _read_fds([fd0, fd1]), link.port, opts.first_burst) as drain:
-                second, backlog_end = _second_burst(opts, link, senders, drain)
-            after = net.read_counters(opts.tap)
-        finally:
-            senders.close()
-    return judge(first, net.delta(before, mid), stopped, second, drain.per_source, drain.counter, net.delta(mid, after), backlog_end)
+        stack.callback(senders.close)
+        before = net.read_counters(opts.tap)
+        first = senders.burst(0, opts.first_burst)
+        stopped = _wait_backlog_settles(opts.tap)
+        mid = net.read_counters(opts.tap)
+        _set_queue(fds[0], IFF_DETACH_QUEUE)
+        time.sleep(0.1)
+        _set_queue(fds[0], IFF_ATTACH_QUEUE)
+        with DropCounter() as drops, _Drain(QUEUES, _read_fds(fds), link.port, opts.first_burst) as drain:
+            second, backlog_end = _second_burst(opts, link, senders, drain)
+        after = net.read_counters(opts.tap)
+    return judge(first, net.delta(before, mid), stopped, second, drain.per_source, drain.counter, net.delta(mid, after), backlog_end,
+                 drops.counts)
 
 
 def backend_reset_while_stopped(opts: StoppedQueueOptions) -> StoppedQueueResult:
@@ -341,12 +351,13 @@ def backend_reset_while_stopped(opts: StoppedQueueOptions) -> StoppedQueueResult
             rx.set_backend(-1)
             time.sleep(0.1)
             rx.set_backend(fd)
-            with _Drain(1, _read_vhost(rx), link.port, opts.first_burst) as drain:
+            with DropCounter() as drops, _Drain(1, _read_vhost(rx), link.port, opts.first_burst) as drain:
                 second, backlog_end = _second_burst(opts, link, senders, drain)
             after = net.read_counters(opts.tap)
         finally:
             senders.close()
-    return judge(first, net.delta(before, mid), stopped, second, drain.per_source, drain.counter, net.delta(mid, after), backlog_end)
+    return judge(first, net.delta(before, mid), stopped, second, drain.per_source, drain.counter, net.delta(mid, after), backlog_end,
+                 drops.counts)
 
 
 RUNS: dict[str, Callable[[StoppedQueueOptions], StoppedQueueResult]] = {

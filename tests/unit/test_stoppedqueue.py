@@ -50,3 +50,11 @@ def test_ring_drops_or_refused_sends_while_draining_fail() -> None:
               received(range(600, 990)), change(ring_drops=3), 0)
     assert r.verdict == FAIL
     assert "10 sends of the second burst refused" in r.detail and "3 ring drops" in r.detail
+
+
+def test_drops_by_reason_win_over_tx_dropped() -> None:
+    # tx_dropped counts any drop of the device; only FULL_RING is the ring's
+    ok = judge(FIRST, change(), 536, SECOND, [190, 210], received(range(600, 1000)), change(ring_drops=2), 0, {"QDISC_DROP": 2})
+    assert ok.verdict == PASS and ok.numbers["second_ring_drops"] == 0
+    bad = judge(FIRST, change(), 536, SECOND, [190, 210], received(range(600, 1000)), change(), 0, {"FULL_RING": 1})
+    assert bad.verdict == FAIL and "1 ring drops while the reader drained" in bad.detail
