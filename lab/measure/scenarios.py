@@ -203,7 +203,8 @@ def noqueue(runner: ScenarioRunner, host: Any) -> tuple[str, str, dict[str, Any]
     numbers = {"sent": rep.sent, "attempted": rep.attempted, "send_errors": rep.errors, "asks_to_queue": len(asks),
                "tap_tx_dropped": after.tap.tx_dropped - before.tap.tx_dropped}
     ok = errors == 0 and not asks
-    detail = (f"{rep.attempted} sends to a paused guest under noqueue: {errors} errors {rep.errors or ''}, "
+    kinds = f" {rep.errors}" if rep.errors else ""
+    detail = (f"{rep.attempted} sends to a paused guest under noqueue: {errors} errors{kinds}, "
               f"{len(asks)} 'asks to queue packet' log lines, tap tx_dropped {numbers['tap_tx_dropped']}")
     return (PASS if ok else FAIL), detail, numbers
 
