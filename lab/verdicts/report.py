@@ -845,9 +845,10 @@ def render_scenarios(results: Sequence[Any], console: Console, title: str = "Fai
     """A verdict per scenario (rows) and kernel (columns), then every detail with its numbers."""
     kernels, names, by = _scenario_grid(results)
     t = Table(title=title, title_style="bold", header_style="bold cyan")
-    t.add_column("scenario", no_wrap=True)
+    # Fold, never truncate: five recipe names do not fit an 80-column terminal side by side.
+    t.add_column("scenario", overflow="fold", min_width=12)
     for k in kernels:
-        t.add_column(k, justify="center", no_wrap=True)
+        t.add_column(k.replace("-", "-\n"), justify="center", overflow="fold", min_width=4)
     for n in names:
         cells = []
         for k in kernels:
