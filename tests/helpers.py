@@ -9,7 +9,10 @@ from many retransmits, while patched does not").
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterable
+
+from hypothesis import strategies as st
 
 from lab.config import Expectations
 from lab.onhost.net import BacklogPeak, CountersDelta, QdiscCounters, TapCounters
@@ -134,3 +137,55 @@ def stream_measurement(
         tcp=TcpCounters(retrans_segs=retransmits, out_segs=out_segs),
         drops=drops,
     )
+
+
+# Hostile strings for the quoting properties (shell, ssh, argv): tests/unit/test_shell_safety.py, tests/integration/test_real_ssh.py.
+NASTY = [
+    "",
+    " ",
+    "a b",
+    "a;reboot",
+    "$(reboot)",
+    "`reboot`",
+    "${HOME}",
+    "$HOME",
+    "'",
+    '"',
+    "\\",
+    "a'b\"c",
+    "*",
+    "?",
+    "[a]",
+    "~",
+    "~root",
+    "#x",
+    "a#b",
+    "&",
+    "|",
+    ">x",
+    "<x",
+    "a\tb",
+    "a\nb",
+    "a\n",
+    "\n",
+    "a\rb",
+    "a\x00b",
+    "\x1b[31m",
+    "-rf",
+    "--",
+    "-oProxyCommand=reboot",
+    "--clear",
+    "%h:%p",
+    "100%",
+    "caf\u00e9",
+    "\u202etxt.exe",
+    "\U0001f600",
+    "a\u00a0b",
+    "\u2028",
+    "!",
+    "{a,b}",
+    "x=$(id)",
+]
+nasty = st.sampled_from(NASTY)
+hostile = st.one_of(nasty, st.text(max_size=30), st.lists(nasty, min_size=1, max_size=4).map("".join))
+CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
