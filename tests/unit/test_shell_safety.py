@@ -9,6 +9,7 @@ with the value intact. No module in lab/ runs a shell of its own.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 import shlex
@@ -211,9 +212,14 @@ def test_iperf3_server_argv(port, bind):
 # --------------------------------------------------------------------------- agent verbs (JSON, then argparse)
 
 
+@functools.cache
+def _agent_parser():
+    return agent.build_parser()  # dozens of sub-parsers: build once, not per example
+
+
 def _agent_parse(args: list[str]):
     try:
-        return agent.build_parser().parse_args(args)
+        return _agent_parser().parse_args(args)
     except agent.UsageError:
         return None
 
