@@ -46,7 +46,12 @@ class _Progress:
         if self.status is not None:
             self.status.__exit__(*exc)
 
-    def __call__(self, step: Step) -> None:
+    def __call__(self, step: object) -> None:
+        # A session also emits typed events (HostBooted, ModulesSwapped...)
+        # that this one-line view has no use for: a renderer ignores what it
+        # does not know.
+        if not isinstance(step, Step):
+            return
         if step.warning:
             self.console.print(f"[yellow]{step.text()}[/]", highlight=False)
         elif self.status is not None:
