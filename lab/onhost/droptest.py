@@ -45,7 +45,6 @@ import shlex
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -679,13 +678,16 @@ def _setup_link(o: DropTestOptions) -> None:
 
 
 def _run(argv: list[str]) -> str:
+    from lab import proc
+    from lab.errors import MissingPiece
+
     try:
-        proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=30)
-    except FileNotFoundError as e:
+        res = proc.run(argv, timeout=30)
+    except MissingPiece as e:
         raise DropTestError(f"{argv[0]} is not installed (iproute2)") from e
-    if proc.returncode != 0:
-        raise DropTestError(f"`{shlex.join(argv)}` exited {proc.returncode}: {proc.stderr.strip()}")
-    return proc.stdout
+    if res.rc != 0:
+        raise DropTestError(f"`{shlex.join(argv)}` exited {res.rc}: {res.stderr.strip()}")
+    return res.stdout
 
 
 def _ip(args: list[str]) -> str:

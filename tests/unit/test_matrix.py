@@ -284,6 +284,7 @@ class FakeHost:
     name: str = "lab1"
     provider: str = "nested"
     closed: bool = False
+    sees_local_files: bool = True
 
     @property
     def runtime(self):
