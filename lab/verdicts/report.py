@@ -196,6 +196,7 @@ def _build_tables(run: RunData, kernels: Sequence[str] | None, compare: RunData 
     if compare is not None:
         other_idx = {s.key: s for s in compare.summaries()}
 
+    several_hosts = len({h for s in summaries for h in s.hosts}) > 1
     tables: list[_Table] = []
     for backend in backends_in_order(summaries):
         for kind in ("iperf3", "pktgen"):
@@ -205,6 +206,8 @@ def _build_tables(run: RunData, kernels: Sequence[str] | None, compare: RunData 
             idx = {s.key: s for s in summaries if s.backend == backend}
             unit = "Mbit/s" if kind == "iperf3" else "tx kpps"
             cols = [_Column("point", "cell", "cell", 0, left=True)]
+            if several_hosts:
+                cols.append(_Column("host", "host", "host", 0, left=True))
             cols += [_Column(f"v:{k}", f"{k}\n{unit}", k, 1) for k in ks]
             cols += [_Column(f"r:{k}", f"{k}/{base}\nratio [95% CI] verdict", f"{k}/{base}", 2) for k in others]
             if compare is not None:
@@ -223,6 +226,10 @@ def _build_tables(run: RunData, kernels: Sequence[str] | None, compare: RunData 
             for p in points:
                 per_k = {k: idx.get((k, p)) for k in ks}
                 row: list[_Cell] = [_Cell(_row_label(p))]
+                if several_hosts:
+                    # which host measured this point's cells (every arm's: a ratio never mixes hosts)
+                    hosts_here = list(dict.fromkeys(h for k in ks if per_k[k] is not None for h in per_k[k].hosts))
+                    row.append(_Cell(",".join(hosts_here) or "-", error=len(hosts_here) > 1))
                 for k in ks:
                     s = per_k[k]
                     if s is None:
@@ -358,8 +365,9 @@ def _environment(run: RunData) -> list[tuple[str, str]]:
     if missing:
         counts += f", {len(missing)} not run"
     env.append(("cells", counts))
-    base = x.get("baseline")
-    if isinstance(base, str):
+    # a point whose arms ran on different hosts gets no ratio: say which, and why
+    base = ReportContext().baseline_of(run)
+    if base:
         for line in refused(run.summaries(), base):
             env.append(("refused", line))
     if x.get("stopped"):

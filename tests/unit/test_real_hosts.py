@@ -8,6 +8,7 @@ import json
 import lzma
 import multiprocessing
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -327,3 +328,63 @@ def test_the_lock_is_an_flock_other_processes_wait_for(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert store.read_meta().extra["x"] == 1
+
+
+# --------------------------------------------------------------------------- the report: which host measured what
+
+
+def _spread_cells(stock_q1_host: str) -> list[CellResult]:
+    from dataclasses import replace
+
+    from tests.unit.test_report import reference_cells
+
+    cells = reference_cells(repeats=3)
+    out = []
+    for c in cells:
+        host = "box1" if c.backend == "tap" else "box2"
+        if c.kernel == "stock" and c.backend == "vhost" and c.txqueuelen == 1 and c.rtt_ms == 0:
+            host = stock_q1_host
+        out.append(replace(c, host=host, boot_id=f"{host}@1"))
+    return out
+
+
+def test_report_says_which_host_measured_each_point(tmp_path: Path) -> None:
+    from lab.verdicts.report import ReportContext, to_json, to_markdown, to_text
+    from tests.unit.test_report import store_run
+
+    run = store_run(tmp_path, _spread_cells("box2"))
+    rc = ReportContext("stock", 0.10, 0.95)
+    text = to_text(run, [], rc=rc)
+    tap_part, vhost_part = text.split("\nvhost_net (", 1)
+    tap_rows = [ln for ln in tap_part.splitlines() if re.match(r"\s*(qlen|RTT) \d", ln)]
+    vhost_rows = [ln for ln in vhost_part.splitlines() if re.match(r"\s*(qlen|RTT) \d", ln)]
+    assert tap_rows and all("box1" in ln and "box2" not in ln for ln in tap_rows), text
+    assert vhost_rows and all("box2" in ln and "box1" not in ln for ln in vhost_rows), text
+    header = next(ln for ln in to_markdown(run, [], rc=rc).splitlines() if ln.startswith("| cell"))
+    assert "| host |" in header, header
+    assert "refused" not in text
+    # one host: no host column
+    single = store_run(tmp_path / "one", [replace_host(c, "lab1") for c in _spread_cells("box2")])
+    assert "box" not in to_text(single, [], rc=rc)
+    assert to_json(run, [], rc=rc)["comparisons"]
+
+
+def replace_host(c: CellResult, host: str) -> CellResult:
+    from dataclasses import replace
+
+    return replace(c, host=host, boot_id=f"{host}@1")
+
+
+def test_report_refuses_a_ratio_across_hosts_and_shows_it(tmp_path: Path) -> None:
+    from lab.verdicts.report import ReportContext, run_comparisons, to_text
+    from tests.unit.test_report import store_run
+
+    run = store_run(tmp_path, _spread_cells("box1"))  # stock vhost qlen1 on box1, nodrop's on box2
+    rc = ReportContext("stock", 0.10, 0.95)
+    cmps = run_comparisons(run, rc)
+    assert not any(c.point.backend == "vhost" and c.point.txqueuelen == 1 and c.point.rtt_ms == 0 for c in cmps)
+    text = to_text(run, [], rc=rc)
+    flat = " ".join(text.split())
+    assert re.search(r"refused: vhost qlen1: stock on box1, nodrop on box2: not compared \(hosts differ\)", flat), text
+    # the point whose arms ran on two hosts says so in its row
+    assert any(re.match(r"\s*qlen 1\s+box1,box2\b", ln) for ln in text.splitlines()), text
