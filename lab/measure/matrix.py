@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
 import uuid
@@ -844,7 +845,8 @@ def finish_run(runner: MatrixRunner, session_started: float, session_started_at:
         # other hosts (pytest-xdist workers) finish into the same meta.json.
         meta.finished_at = now_iso()
         sessions = meta.extra.setdefault("sessions", [])
-        entry = {"session": runner.session_id, "host": host, "started_at": session_started_at, "finished_at": meta.finished_at,
+        entry = {"session": runner.session_id, "host": host, "pid": os.getpid(), "worker": os.environ.get("PYTEST_XDIST_WORKER"),
+                 "started_at": session_started_at, "finished_at": meta.finished_at,
                  "argv": list(sys.argv), "wall_s": round(wall, 1), **t.to_dict(), "stopped": stopped}
         # finishing the same session again (pytest: properties, then session end) updates its entry
         mine = [i for i, e in enumerate(sessions) if isinstance(e, dict) and e.get("session") == runner.session_id]
