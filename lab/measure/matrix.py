@@ -932,25 +932,34 @@ def run_matrix(
     """
     session_t0, session_at = time.monotonic(), now_iso()
     spec, store = open_run(ctx, matrix_name, profile, resume, aa=aa)
-    runner = MatrixRunner(ctx, spec, store, emit)
-    pending = runner.pending()
+    # One runner per host; here the hosts take their turns (pytest -n N --dist
+    # loadgroup runs them at once, one worker each: tests/matrix).
+    runners = [MatrixRunner(ctx, spec, store, emit, host=h) for h in spec.run_hosts]
     if on_start is not None:
-        on_start(runner, runner.plan(), pending)
+        on_start(runners[0], runners[0].plan(), [c for r in runners for c in r.pending()])
     stopped: str | None = None
-    try:
-        for cell in pending:
-            try:
-                runner.run_cell(cell)
-            except HostGone as exc:
-                stopped = str(exc)
-                break
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-        raise
-    finally:
+    outcome: MatrixOutcome | None = None
+    for runner in runners:
+        host_t0, host_at = time.monotonic(), now_iso()
+        host_stopped: str | None = None
         try:
-            runner.close(keep=keep)
+            for cell in runner.pending():
+                try:
+                    runner.run_cell(cell)
+                except HostGone as exc:
+                    host_stopped = str(exc)
+                    break
+        except KeyboardInterrupt:
+            host_stopped = stopped = "interrupted"
+            raise
         finally:
-            outcome = finish_run(runner, session_t0, session_at, stopped)
+            try:
+                runner.close(keep=keep)
+            finally:
+                t0, at = (session_t0, session_at) if runner is runners[0] else (host_t0, host_at)
+                outcome = finish_run(runner, t0, at, host_stopped)
+        stopped = stopped or host_stopped
+    assert outcome is not None
+    if stopped and not outcome.stopped:
+        outcome = dataclasses.replace(outcome, stopped=stopped)
     return outcome
-
