@@ -388,3 +388,24 @@ def test_report_refuses_a_ratio_across_hosts_and_shows_it(tmp_path: Path) -> Non
     assert re.search(r"refused: vhost qlen1: stock on box1, nodrop on box2: not compared \(hosts differ\)", flat), text
     # the point whose arms ran on two hosts says so in its row
     assert any(re.match(r"\s*qlen 1\s+box1,box2\b", ln) for ln in text.splitlines()), text
+
+
+# --------------------------------------------------------------------------- the README's lab.toml for a KVM machine
+
+
+def test_readme_local_lab_toml_loads_and_its_ssh_host_block_too(tmp_path: Path) -> None:
+    """The "On your own KVM machine" section's lab.toml is a valid lab, and so is it with the ssh host block in it."""
+    import textwrap
+
+    from lab.config import DEFAULT_CONFIG, loads_config
+
+    readme = (DEFAULT_CONFIG.parent / "README.md").read_text()
+    section = readme.split("## On your own KVM machine", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"\n((?:    .*\n|\n)+)", section)
+    local = textwrap.dedent(next(b for b in blocks if "# lab.toml" in b))
+    cfg = loads_config(local, DEFAULT_CONFIG.parent, tmp_path / "lab.toml", mem_total_mib=65536)
+    assert cfg.hosts["here"].provider == "local" and cfg.matrices["vhost-matrix"].run_hosts == ("here",)
+    ssh_block = textwrap.dedent(next(b for b in blocks if 'provider = "ssh"' in b))
+    cfg = loads_config(local + ssh_block, DEFAULT_CONFIG.parent, tmp_path / "lab.toml", mem_total_mib=65536)
+    far = cfg.hosts["box1"]
+    assert (far.python, far.lab_path, far.address) == ("/opt/vhost-lab/venv/bin/python", "/opt/vhost-lab", "192.0.2.10")
