@@ -371,6 +371,12 @@ class SshHost(_OverSsh):
     def libvirt_uri(self) -> str:
         return self.uri
 
+    def close(self) -> None:
+        # What was uploaded is checked again after a reconnect: a reboot (kexec)
+        # may have taken it (a lab host standing in for a remote keeps it in tmpfs).
+        self._staged.clear()
+        super().close()
+
     def stage(self, local: Path, subdir: str) -> str:
         """Upload `local` to <HOST_VAR>/files/<subdir>/ unless a copy with the same SHA-256 is there."""
         remote_dir = f"{HOST_VAR}/files/{subdir}"
