@@ -280,7 +280,7 @@ def install_full(host: Host, vmlinuz: Path, modules_dir: Path, key: str, initrd:
     staged = host.stage(vmlinuz, f"kernel-{key}")
     host.run(["cp", "-f", staged, f"{kdir}/vmlinuz"])
     if release != running:
-        tar = _modules_tarball(modules_dir, key)
+        tar = _modules_tarball(modules_dir)
         remote_tar = host.stage(tar, f"kernel-{key}")
         host.run(["tar", "-x", "-f", remote_tar, "-C", "/lib/modules"], timeout=timeout)
         host.run(["depmod", "-a", release], timeout=timeout)
@@ -295,9 +295,10 @@ def install_full(host: Host, vmlinuz: Path, modules_dir: Path, key: str, initrd:
     return KexecTarget(release, f"{kdir}/vmlinuz", remote_initrd, cmdline)
 
 
-def _modules_tarball(modules_dir: Path, key: str) -> Path:
+def _modules_tarball(modules_dir: Path) -> Path:
     """lib/modules/<release> of an artifact as one tar file beside it (made once: the artifact never changes)."""
-    tar = modules_dir.parent / f".{modules_dir.name}-{key[:12]}.tar"
+    # beside the artifact's root/ (not inside lib/modules, which lab hosts mount as their module tree)
+    tar = modules_dir.parents[3] / f"modules-{modules_dir.name}.tar"
     if not tar.exists():
         tmp = tar.with_suffix(".tmp")
         proc.run(["tar", "-c", "-f", str(tmp), "-C", str(modules_dir.parent), modules_dir.name], timeout=600).check("tar")
