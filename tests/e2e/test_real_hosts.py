@@ -377,9 +377,11 @@ def test_two_hosts_one_matrix_with_xdist(tmp_path, e2e_ready):
         print(p.stdout[-6000:], p.stderr[-3000:])
         passed = set(re.findall(r"PASSED tests/matrix/test_vhost_matrix.py::test_cell\[([^\]]+)\]", p.stdout))
         assert passed == {c.id for c in plan}, p.stdout[-4000:]
-        # two workers, and each cell's worker is the one of its host
-        workers = {m.group(1): m.group(2) for m in re.finditer(r"\[(gw\d)\] .*?PASSED .*?test_cell\[([^\]]+)\]", p.stdout)}
-        assert len(set(workers)) == 2 or len(set(workers.values())) == len(plan)
+        # each host's cells ran in one worker, and the two hosts in two workers
+        worker_of = {m.group(2): m.group(1) for m in re.finditer(r"\[(gw\d+)\][^\n]*?PASSED [^\n]*?test_cell\[([^\]]+)\]", p.stdout)}
+        assert set(worker_of) == {c.id for c in plan}, p.stdout[-4000:]
+        per_host = {h: {worker_of[c] for c, hh in where.items() if hh == h} for h in ("box1", "box2")}
+        assert all(len(w) == 1 for w in per_host.values()) and per_host["box1"] != per_host["box2"], per_host
 
         data = load_run(cfg.workdir, "latest")
         assert data.meta.matrix == "spread" and data.warnings == []

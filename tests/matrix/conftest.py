@@ -106,6 +106,7 @@ class _Controller:
         node.workerinput[WORKER_RUN_KEY] = self.run_dir()
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the xdist_group marks into node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     sel = selection(config)
     if not sel.requested or len(sel.hosts) < 2:
