@@ -287,6 +287,7 @@ class LocalHost(Host):
 
     name: str = "local"
     provider: str = "local"
+    command_timeout: float = 120.0
 
     def run(self, argv, timeout=None, check=True, stdin=None) -> CommandResult:
         try:

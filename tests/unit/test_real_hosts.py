@@ -409,3 +409,13 @@ def test_readme_local_lab_toml_loads_and_its_ssh_host_block_too(tmp_path: Path) 
     cfg = loads_config(local + ssh_block, DEFAULT_CONFIG.parent, tmp_path / "lab.toml", mem_total_mib=65536)
     far = cfg.hosts["box1"]
     assert (far.python, far.lab_path, far.address) == ("/opt/vhost-lab/venv/bin/python", "/opt/vhost-lab", "192.0.2.10")
+
+
+def test_local_host_takes_the_lab_command_timeout() -> None:
+    """What lab.session.up_host gives a "local" host (it had no such field: `lab up` on provider local crashed)."""
+    from lab.hosts.host import LocalHost
+
+    h = LocalHost(name="here", command_timeout=7.5)
+    assert (h.name, h.command_timeout, h.sees_local_files) == ("here", 7.5, True)
+    assert h.run(["sh", "-c", "echo $0", "ok"]).stdout.strip() == "ok"
+    assert h.stage(Path("/etc/hostname"), "x") == "/etc/hostname"
