@@ -325,6 +325,9 @@ class LabSession:
             self.emit(Step(self.spec.name, f"already runs {recipe}'s modules"))
             return False
         if r.strategy == "modules":
+            # a lab tap left behind holds tun, so it goes first (guests went in _boot)
+            for tap in host.agent.tap_list(f"{self.ctx.cfg.name}-"):
+                host.agent.tap_delete(tap.name)
             self._swap_in(host, recipe, kb)
             return False
         deploy_full(self.ctx, host, kb, self.ctx.cfg.timeouts.host_boot, self.emit)
