@@ -74,6 +74,13 @@ def pytest_configure(config: pytest.Config) -> None:
 # meta.json under the run's flock (lab.verdicts.results.RunStore.locked). The
 # property tests run in the last host's worker after its cells, and wait until
 # every other host's cells are in the results file too.
+#
+# The grouping is xdist's own LoadScopeScheduling (loadgroup's base), given
+# the host as each test's scope through the pytest_xdist_make_scheduler hook:
+# loadgroup itself reads the groups from node ids it rewrites
+# (item._nodeid += "@group"), which pytest 9.2 no longer honours (Node.nodeid
+# comes from Node._id), so --dist loadgroup alone would spread one host's
+# cells over both workers, and two workers would fight over one lab host.
 
 
 def is_worker(config: pytest.Config) -> bool:
@@ -104,6 +111,34 @@ class _Controller:
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput[WORKER_RUN_KEY] = self.run_dir()
+
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        sel = selection(config)
+        if len(sel.hosts) < 2 or config.getvalue("dist") not in ("loadgroup", "loadscope"):
+            return None  # xdist's own choice
+        return host_scheduling(config, log, sel)
+
+
+def host_of_test(nodeid: str, sel: Selection) -> str | None:
+    """The host a matrix test belongs to: its cell's host; the property tests go with the last host."""
+    nodeid = nodeid.rsplit("@", 1)[0] if nodeid.rfind("@") > nodeid.rfind("]") else nodeid  # loadgroup's suffix, where it works
+    name = nodeid.rsplit("::", 1)[-1]
+    if name.startswith("test_cell[") and name.endswith("]"):
+        return sel.where.get(name[len("test_cell["):-1])
+    if name.startswith("test_property["):
+        return sel.hosts[-1]
+    return None
+
+
+def host_scheduling(config: pytest.Config, log: Any, sel: Selection) -> Any:
+    """xdist's LoadScopeScheduling with a test's host as its scope: one work unit per host."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class HostScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return host_of_test(nodeid, sel) or nodeid
+
+    return HostScheduling(config, log)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the xdist_group marks into node ids

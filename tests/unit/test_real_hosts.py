@@ -419,3 +419,44 @@ def test_local_host_takes_the_lab_command_timeout() -> None:
     assert (h.name, h.command_timeout, h.sees_local_files) == ("here", 7.5, True)
     assert h.run(["sh", "-c", "echo $0", "ok"]).stdout.strip() == "ok"
     assert h.stage(Path("/etc/hostname"), "x") == "/etc/hostname"
+
+
+# --------------------------------------------------------------------------- pytest-xdist: one worker per host
+
+
+def test_xdist_puts_each_hosts_cells_in_one_worker(tmp_path: Path) -> None:
+    """tests/matrix under `-n 2 --dist loadgroup` (no VM: libvirt is hidden, so every cell skips where it lands):
+    each host's cells go to one worker, the two hosts to two workers, the properties after the last host's cells."""
+    pytest.importorskip("xdist", reason="pytest-xdist is not installed (pip install -e .[test])")
+    import subprocess
+    import sys
+
+    from lab.config import load_config
+    from lab.measure.matrix import matrix_spec, planned_cells
+    from tests.e2e.conftest import REPO, make_lab_toml
+    from tests.e2e.test_real_hosts import TWO_HOSTS
+
+    cfg_path = make_lab_toml(tmp_path, "rhx", TWO_HOSTS)
+    cfg_path.write_text(cfg_path.read_text().replace('workdir = "~/.cache/vhost-lab"', f'workdir = "{tmp_path / "work"}"', 1))
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "libvirt.py").write_text('raise ImportError("hidden: a dry run of the xdist plumbing")\n')
+    cfg = load_config(cfg_path)
+    plan = planned_cells(cfg, matrix_spec(cfg, "spread"))
+    from lab.measure.cells import assign_hosts
+
+    where = assign_hosts(plan, ("box1", "box2"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(REPO), *sys.path[1:]]))
+    p = subprocess.run([sys.executable, "-m", "pytest", "tests/matrix", "--lab-config", str(cfg_path), "--matrix", "spread",
+                        "-n", "2", "--dist", "loadgroup", "-v", "-p", "no:cacheprovider"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    lines = re.findall(r"\[(gw\d+)\] \[ *\d+%\] SKIPPED \S+::(test_cell|test_property)\[([^\]]+)\]", p.stdout)
+    assert len(lines) == len(plan) + 13, p.stdout[-3000:] + p.stderr[-2000:]
+    cell_worker = {name: w for w, kind, name in lines if kind == "test_cell"}
+    assert set(cell_worker) == set(where)
+    per_host = {h: {cell_worker[c] for c in where if where[c] == h} for h in ("box1", "box2")}
+    assert all(len(w) == 1 for w in per_host.values()) and per_host["box1"] != per_host["box2"], per_host
+    assert {w for w, kind, _ in lines if kind == "test_property"} == per_host["box2"]
+    # the controller opened one run directory for both workers
+    runs = list((tmp_path / "work" / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "meta.json").is_file()
