@@ -41,7 +41,7 @@ from lab.errors import ConfigError, HostCrashed, HostGone, LabError
 from lab.events import Emit, GuestBooted, HostBooted, ModulesSwapped, Progress, Step, quiet
 from lab.guests import GuestPlan, RunningGuest, boot_guest, destroy_guest, list_lab_guests
 from lab.hosts.console import read_oops
-from lab.hosts.deploy import KexecOutcome, install_full, kexec_cmdline, kexec_deploy, push_modules, running_kernel
+from lab.hosts.deploy import KexecOutcome, KexecTarget, install_full, kexec_cmdline, kexec_deploy, push_modules, running_kernel
 from lab.hosts.host import Host, LocalHost, SshHost
 from lab.hosts.nested import KernelBoot, artifact_build_ids, boot_host, destroy_host, find_host, labhost_initrd
 from lab.hosts.sshkeys import SshKeyPair, ensure_keypair
@@ -139,10 +139,14 @@ def deploy_full(ctx: LabContext, host: Host, kb: KernelBoot, boot_timeout: float
                           kexec_cmdline(current.cmdline, kb.cmdline), timeout=ctx.cfg.timeouts.build)
     fallback = None
     if fallback_kb is not None:
-        fmod = fallback_kb.modules_root / "lib" / "modules" / fallback_kb.release
-        fallback = install_full(host, fallback_kb.vmlinuz, fmod, fallback_kb.key[:12],
-                                labhost_initrd(ctx.paths, fallback_kb) if labhost else None, fallback_kb.release,
-                                kexec_cmdline(current.cmdline), timeout=ctx.cfg.timeouts.build)
+        fkb = fallback_kb
+        fmod = fkb.modules_root / "lib" / "modules" / fkb.release
+
+        def reinstall() -> KexecTarget:  # installed when needed, on the boot that failed its checks
+            return install_full(host, fkb.vmlinuz, fmod, fkb.key[:12], labhost_initrd(ctx.paths, fkb) if labhost else None,
+                                fkb.release, kexec_cmdline(current.cmdline), timeout=ctx.cfg.timeouts.build)
+
+        fallback = reinstall
     return kexec_deploy(host, target, kb.module_build_ids, boot_timeout, progress, fallback=fallback)
 
 

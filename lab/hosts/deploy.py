@@ -239,19 +239,21 @@ def kexec_deploy(
     want_build_ids: Mapping[str, str],
     boot_timeout: float,
     progress: Progress = quiet,
-    fallback: KexecTarget | None = None,
+    fallback: KexecTarget | Callable[[], KexecTarget] | None = None,
     loaded_build_ids: Callable[[Host], Mapping[str, str]] | None = None,
 ) -> KexecOutcome:
     """kexec into `target` and verify it (uname -r, new boot id, module build-ids); on a failed check kexec back.
 
     `fallback`: the kernel to return to (default: `previous_target`, the
-    running kernel's /boot files). Raises LabError naming every failed check,
-    after falling back when it could; HostGone when the host does not come
-    back at all.
+    running kernel's /boot files), or a function that puts it in place on the
+    booted host and returns it (what the lab staged may not survive a boot:
+    a lab host standing in for a remote keeps it in tmpfs). Raises LabError
+    naming every failed check, after falling back when it could; HostGone
+    when the host does not come back at all.
     """
     t0 = time.monotonic()
     before = running_kernel(host)
-    back_to = fallback or previous_target(host, before)
+    back_to = fallback if fallback is not None else previous_target(host, before)
     after = kexec_into(host, target, boot_timeout, progress)
     probe = loaded_build_ids or (lambda h: dict(h.agent.probe().modules))
     loaded = dict(probe(host))
@@ -262,8 +264,9 @@ def kexec_deploy(
     if back_to is None:
         raise LabError(f"{host.name}: after kexec into {target.release}: {why}; no previous kernel to fall back to "
                        f"(no /boot/vmlinuz-{before.release} with an initrd)")
-    progress(Step(host.name, f"kexec check failed ({why}); back to {back_to.release}", warning=True))
-    again = kexec_into(host, back_to, boot_timeout, progress)
+    back = back_to() if callable(back_to) else back_to
+    progress(Step(host.name, f"kexec check failed ({why}); back to {back.release}", warning=True))
+    again = kexec_into(host, back, boot_timeout, progress)
     raise LabError(f"{host.name}: after kexec into {target.release}: {why}; fell back to {again.release} "
                    f"(boot {again.boot_id[:8]})")
 
