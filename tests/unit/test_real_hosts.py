@@ -460,3 +460,84 @@ def test_xdist_puts_each_hosts_cells_in_one_worker(tmp_path: Path) -> None:
     # the controller opened one run directory for both workers
     runs = list((tmp_path / "work" / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "meta.json").is_file()
+
+
+# --------------------------------------------------------------------------- kexec_deploy's decisions, on a scripted box
+
+
+class ScriptedBox:
+    """A stand-in for a host that kexecs: each `kexec -e` starts a new boot of the loaded kernel.
+
+    Only the control flow of lab.hosts.deploy is under test here (the real
+    kexec runs in tests/e2e/test_real_hosts.py); this box answers what the
+    deploy asks and nothing else.
+    """
+
+    name = "box"
+    sees_local_files = False
+
+    def __init__(self, releases: dict[str, str]) -> None:
+        self.releases = releases  # vmlinuz path -> the release it boots
+        self.release, self.boot, self.loaded, self.closed = "6.1.0", 1, None, 0
+        self.argvs: list[list[str]] = []
+
+    def run(self, argv, timeout=None, check=True, stdin=None):
+        from lab.proc import Completed
+
+        argv = list(argv)
+        self.argvs.append(argv)
+        out, rc = "", 0
+        if argv[:2] == ["cat", "/proc/sys/kernel/osrelease"]:
+            out = f"{self.release}\nboot-{self.boot}\nBOOT_IMAGE=/vmlinuz root=/dev/vda ro\n"
+        elif argv[:2] == ["kexec", "-l"]:
+            self.loaded = argv[2]
+        elif argv[0] == "setsid":
+            self.boot += 1
+            self.release = self.releases[self.loaded]
+        elif argv[0] == "test":
+            rc = 1  # no /boot/vmlinuz-<release> here
+        return Completed(tuple(argv), rc, out, "", 0.0)
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+NEW = KexecTarget("6.12.1", "/k/new/vmlinuz", "/k/new/initrd", "root=/dev/vda ro")
+OLD = KexecTarget("6.1.0", "/k/old/vmlinuz", "/k/old/initrd", "root=/dev/vda ro")
+IDS = {"tun": "11", "vhost_net": "22"}
+
+
+def test_kexec_deploy_checks_the_new_boot() -> None:
+    from lab.hosts.deploy import kexec_deploy
+
+    box = ScriptedBox({NEW.vmlinuz: "6.12.1"})
+    out = kexec_deploy(box, NEW, IDS, boot_timeout=30, loaded_build_ids=lambda h: IDS)
+    assert (out.before.release, out.after.release, out.fell_back) == ("6.1.0", "6.12.1", False)
+    assert out.after.boot_id == "boot-2" and box.closed >= 1
+    assert ["kexec", "-l", NEW.vmlinuz, f"--initrd={NEW.initrd}", f"--command-line={NEW.cmdline}"] in box.argvs
+
+
+def test_kexec_deploy_falls_back_when_a_check_fails_and_installs_the_fallback_on_that_boot() -> None:
+    from lab.hosts.deploy import kexec_deploy
+
+    box = ScriptedBox({NEW.vmlinuz: "6.12.1", OLD.vmlinuz: "6.1.0"})
+    calls: list[int] = []
+
+    def reinstall() -> KexecTarget:
+        calls.append(box.boot)
+        return OLD
+
+    with pytest.raises(LabError, match=r"tun, vhost_net loaded with other build-ids.*fell back to 6\.1\.0 \(boot boot-3\)"):
+        kexec_deploy(box, NEW, IDS, boot_timeout=30, fallback=reinstall, loaded_build_ids=lambda h: {"tun": "99"})
+    assert calls == [2], "the fallback is put in place on the boot that failed"
+    assert [a[2] for a in box.argvs if a[:2] == ["kexec", "-l"]] == [NEW.vmlinuz, OLD.vmlinuz]
+    assert (box.release, box.boot) == ("6.1.0", 3)
+
+
+def test_kexec_deploy_without_a_previous_kernel_says_so() -> None:
+    from lab.hosts.deploy import kexec_deploy
+
+    box = ScriptedBox({NEW.vmlinuz: "6.9.9"})  # boots, but not the release asked for
+    with pytest.raises(LabError, match=r"uname -r is 6\.9\.9, not 6\.12\.1; no previous kernel to fall back to"):
+        kexec_deploy(box, NEW, IDS, boot_timeout=30, loaded_build_ids=lambda h: IDS)
+    assert sum(1 for a in box.argvs if a[0] == "setsid") == 1
