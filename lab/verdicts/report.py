@@ -335,8 +335,12 @@ def _environment(run: RunData) -> list[tuple[str, str]]:
         secs = [float(s.get("seconds") or 0) for s in swaps]
         sw = f", {len(swaps)} module swaps (median {statistics.median(secs):.1f}s)" if swaps else ", no module swaps"
         env.append(("boots", f"{len(boots)} lab host boot(s){sw}"))
-    boot_sets = {frozenset(s.boots) for s in run.summaries() if s.boots}
-    if len({b for bs in boot_sets for b in bs}) > 1:
+    # only where one point's arms come from different boots (several hosts each with its own boot are fine)
+    per_point: dict[Point, set[frozenset[str]]] = {}
+    for s in run.summaries():
+        if s.boots:
+            per_point.setdefault(s.point, set()).add(frozenset(s.boots))
+    if any(len(sets) > 1 for sets in per_point.values()):
         env.append(("note", "some comparisons span different lab host boots (marked ~): boot-to-boot noise is included there"))
     crashes = [c for c in x.get("host_crashes") or [] if isinstance(c, dict)]
     retried = sum(max(0, r.attempts - 1) for r in run.latest())

@@ -363,6 +363,8 @@ def test_report_says_which_host_measured_each_point(tmp_path: Path) -> None:
     header = next(ln for ln in to_markdown(run, [], rc=rc).splitlines() if ln.startswith("| cell"))
     assert "| host |" in header, header
     assert "refused" not in text
+    # two boots in the run, but every point's arms come from one of them: no "across boots" note
+    assert "span different lab host boots" not in " ".join(text.split())
     # one host: no host column
     single = store_run(tmp_path / "one", [replace_host(c, "lab1") for c in _spread_cells("box2")])
     assert "box" not in to_text(single, [], rc=rc)
