@@ -31,6 +31,8 @@ DEBIAN_PACKAGES = [
     # kernel artifacts: Debian's 6.12.117 and the module build
     "linux-source-6.12", "linux-headers-6.12.117+deb12-amd64", "make", "bc", "flex", "bison",
     "libelf-dev", "libssl-dev", "dwarves",
+    # kernels onto real (ssh) hosts: kexec into a full recipe (lab hosts standing in for them see this machine's)
+    "kexec-tools",
 ]  # fmt: skip
 
 
@@ -90,7 +92,7 @@ def tests(session: nox.Session) -> None:
     """
     unit = _unit_only(session.posargs)
     prepare(session, system=not unit)
-    args = session.posargs or ["tests", "-m", "not matrix and not kernel_full and not kernel_series and not soak and not scenarios"]
+    args = session.posargs or ["tests", "-m", "not matrix and not kernel_full and not kernel_series and not soak and not scenarios and not real_hosts"]
     session.run("pytest", "-p", "no:cacheprovider", *args)
     if not session.posargs:
         session.run("pytest", "tests/matrix", "--profile", "smoke", "-p", "no:cacheprovider")
@@ -104,6 +106,13 @@ def vhost_matrix(session: nox.Session) -> None:
     """
     prepare(session)
     session.run("pytest", "tests/matrix", "-p", "no:cacheprovider", *session.posargs)
+
+
+@nox.session(name="real-hosts")
+def real_hosts(session: nox.Session) -> None:
+    """The local and ssh providers end to end (lab hosts stand in for KVM machines), then one matrix over two hosts (pytest-xdist)."""
+    prepare(session)
+    session.run("pytest", "tests/e2e/test_real_hosts.py", "-m", "real_hosts", "-p", "no:cacheprovider", "-v", "-s", *session.posargs)
 
 
 @nox.session(name="kernel-full")

@@ -47,10 +47,12 @@ class _Progress:
             self.status.__exit__(*exc)
 
     def __call__(self, step: object) -> None:
-        # A session also emits typed events (HostBooted, ModulesSwapped...)
-        # that this one-line view has no use for: a renderer ignores what it
-        # does not know.
         if not isinstance(step, Step):
+            # session events (HostBooted, GuestBooted, ModulesSwapped) come through the same channel
+            from dataclasses import asdict, is_dataclass
+
+            what = ", ".join(f"{k} {v}" for k, v in asdict(step).items()) if is_dataclass(step) else str(step)
+            self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {type(step).__name__}: {what}", highlight=False)
             return
         if step.warning:
             self.console.print(f"[yellow]{step.text()}[/]", highlight=False)

@@ -91,6 +91,11 @@ LENGTH = re.compile(r"[0-9]+[KMG]?")  # iperf3 --length
 ADDRESS = re.compile(r"[A-Za-z0-9_\[][A-Za-z0-9_.:\[\]-]*")
 USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 LIBVIRT_URI = re.compile(r"[a-z][a-z0-9+]*://\S*")
+# A path on a remote machine: absolute, no whitespace, quotes or shell/ssh specials
+# (it becomes part of an `env PYTHONPATH=...` argument and of file names).
+REMOTE_PATH = re.compile(r"/[A-Za-z0-9_.+@/-]*")
+# The remote interpreter: an absolute path as above, or a bare command name found on the remote's PATH.
+REMOTE_PYTHON = re.compile(r"/[A-Za-z0-9_.+@/-]*|[A-Za-z][A-Za-z0-9_.+-]*")
 # A kernel command line word the lab may add: "name" or "name=value", no spaces or quotes.
 CMDLINE_WORD = re.compile(r"[a-z][a-z0-9_.-]*(?:=[A-Za-z0-9_.,:-]*)?")
 CMDLINE_WHAT = 'a kernel parameter like "tun.backpressure_all=1" (no spaces or quotes)'
@@ -148,7 +153,14 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class HostSpec:
-    """Where guests run. ssh_port 0 = choose a free loopback port (nested) or 22 (ssh)."""
+    """Where guests run. ssh_port 0 = choose a free loopback port (nested) or 22 (ssh).
+
+    `python` and `lab_path` (ssh hosts only) say how the lab agent starts on a
+    remote machine, which has no copy of this machine's files: `python` is the
+    remote interpreter (with the lab's dependencies installed), `lab_path` a
+    directory on the remote that holds the `lab` package ("" = installed in
+    that interpreter).
+    """
 
     name: str
     provider: str
@@ -159,6 +171,8 @@ class HostSpec:
     uri: str
     address: str
     user: str
+    python: str = "python3"
+    lab_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -243,6 +257,15 @@ class MatrixSpec:
     aa: bool = False  # an A/A control: the first kernel against a copy of itself (lab.measure.cells.arms_of)
     profiles: dict[str, MatrixProfile] = field(default_factory=dict)
     profile: str | None = None  # which profile was applied by with_profile, if any
+    # The hosts the cells are spread over (lab.measure.cells.assign_hosts), each
+    # measuring whole points (every arm and repeat of a point on one host);
+    # () = just `host`. `host` is always one of them.
+    hosts: tuple[str, ...] = ()
+
+    @property
+    def run_hosts(self) -> tuple[str, ...]:
+        """The hosts this matrix's cells run on: `hosts`, or just `host`."""
+        return self.hosts or (self.host,)
 
     def with_profile(self, name: str) -> MatrixSpec:
         """This matrix with profile `name` applied (validated at load time)."""
@@ -441,7 +464,8 @@ LAB_KEYS = ("name", "workdir")
 TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(Timeouts))
 KERNEL_KEYS = ("source", "patches", "configs", "strategy", "cmdline")
 IMAGE_KEYS = ("recipe",)
-HOST_KEYS = ("provider", "kernel", "vcpus", "memory_mib", "ssh_port", "uri", "address", "user")
+HOST_KEYS = ("provider", "kernel", "vcpus", "memory_mib", "ssh_port", "uri", "address", "user", "python", "lab_path")
+SSH_ONLY_KEYS = ("uri", "address", "python", "lab_path")
 GUEST_KEYS = ("host", "image", "vcpus", "memory_mib", "net")
 NET_KEYS = ("backend", "txqueuelen", "tap", "queues")
 PROFILE_KEYS = (
@@ -449,7 +473,7 @@ PROFILE_KEYS = (
     "streams", "qdiscs", "queues", "pktgen_threads", "pktgen_count", "pktgen_size", "order", "seed", "warmup_s", "swap",
     "aa",
 )  # fmt: skip
-MATRIX_KEYS = ("host", "guest", *PROFILE_KEYS, "netem_limit", "netem_split", "iperf3", "retries", "max_host_crashes", "profiles")
+MATRIX_KEYS = ("host", "hosts", "guest", *PROFILE_KEYS, "netem_limit", "netem_split", "iperf3", "retries", "max_host_crashes", "profiles")
 IPERF3_KEYS = tuple(f.name for f in dataclasses.fields(Iperf3Options))
 EXPECTATION_KEYS = tuple(f.name for f in dataclasses.fields(Expectations))
 
@@ -646,7 +670,8 @@ def _host(ctx: _Context, name: str, t: Table, kernels: Mapping[str, KernelRecipe
     memory = _memory(ctx, t, HOST_DEFAULTS["memory_mib"], local=provider == "nested")
     ssh_port = integer(t.at("ssh_port"), t.get("ssh_port", HOST_DEFAULTS["ssh_port"]), 0, 65535)
     user = pattern(t.at("user"), t.get("user", HOST_DEFAULTS["user"]), USER, f"a user name matching {USER.pattern}")
-    uri = address = ""
+    uri = address = lab_path = ""
+    python = "python3"
     if provider == "ssh":
         uri = pattern(
             t.at("uri"),
@@ -660,8 +685,21 @@ def _host(ctx: _Context, name: str, t: Table, kernels: Mapping[str, KernelRecipe
             ADDRESS,
             "a host name or IP address (not starting with -)",
         )
+        python = pattern(
+            t.at("python"),
+            t.get("python", "python3"),
+            REMOTE_PYTHON,
+            'the remote\'s Python: an absolute path like "/opt/vhost-lab/bin/python" or a command name like "python3"',
+        )
+        lab_path = string(t.at("lab_path"), t.get("lab_path", ""), "a directory on the remote holding the lab package")
+        if lab_path and (not REMOTE_PATH.fullmatch(lab_path) or "/../" in f"{lab_path}/"):
+            raise ConfigError(
+                t.at("lab_path"),
+                f'expected "" (the lab installed in the remote\'s Python) or an absolute path on the remote '
+                f"matching {REMOTE_PATH.pattern} without '..', got {q(lab_path)}",
+            )
     else:
-        for key in ("uri", "address"):
+        for key in SSH_ONLY_KEYS:
             if t.has(key):
                 raise ConfigError(
                     t.at(key),
@@ -678,6 +716,8 @@ def _host(ctx: _Context, name: str, t: Table, kernels: Mapping[str, KernelRecipe
         uri=uri,
         address=address,
         user=user,
+        python=python,
+        lab_path=lab_path,
     )
 
 
@@ -814,7 +854,21 @@ def _matrix(
     hosts: Mapping[str, HostSpec],
     guests: Mapping[str, GuestSpec],
 ) -> MatrixSpec:
-    host = ref(t.at("host"), t.get("host", expected="the name of a host"), hosts, "hosts", "host")
+    run_hosts: tuple[str, ...] = ()
+    if t.has("hosts"):
+        run_hosts = list_of(t.at("hosts"), t.data["hosts"], lambda p, v: ref(p, v, hosts, "hosts", "host"),
+                            what="host names", non_empty=True)
+        _check_run_hosts(t.at("hosts"), run_hosts, hosts)
+    if t.has("host") or not run_hosts:
+        host = ref(t.at("host"), t.get("host", expected="the name of a host"), hosts, "hosts", "host")
+        if run_hosts and host not in run_hosts:
+            raise ConfigError(
+                t.at("host"),
+                f"expected one of the matrix's hosts ({', '.join(run_hosts)}), got {q(host)}",
+                f"add {q(host)} to {t.at('hosts')} or remove {t.at('host')}",
+            )
+    else:
+        host = run_hosts[0]
     guest = ref(t.at("guest"), t.get("guest", expected="the name of a guest"), guests, "guests", "guest")
     values: dict[str, Any] = {}
     for key in PROFILE_KEYS:
@@ -864,7 +918,18 @@ def _matrix(
         retries=retries,
         max_host_crashes=max_host_crashes,
         profiles=profiles,
+        hosts=run_hosts,
     )
+
+
+def _check_run_hosts(path: str, names: tuple[str, ...], hosts: Mapping[str, HostSpec]) -> None:
+    """A matrix's `hosts` (list_of refused duplicates): at most one "local" host (two would be the same machine)."""
+    local = [n for n in names if hosts[n].provider == "local"]
+    if len(local) > 1:
+        raise ConfigError(
+            path,
+            f'expected at most one "local" host (every "local" host is this machine), got {", ".join(map(q, local))}',
+        )
 
 
 def _expectations(t: Table, kernels: Mapping[str, KernelRecipe]) -> Expectations:

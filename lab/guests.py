@@ -106,8 +106,9 @@ class StagedGuest:
 
     overlay: str  # path on the host
     console: str  # path on the host
-    initrd: Path
+    initrd: Path  # path on the host (a copy uploaded to a remote host; this machine's file on nested/local)
     cmdline: str
+    kernel: Path | None = None  # the guest kernel's path on the host (None: the plan's own path)
 
 
 def stage_guest(paths: LabPaths, host: Host, plan: GuestPlan, progress: Progress = quiet) -> StagedGuest:
@@ -124,11 +125,17 @@ def stage_guest(paths: LabPaths, host: Host, plan: GuestPlan, progress: Progress
     progress(Step(plan.name, f"tap {plan.tap} (txqueuelen {plan.txqueuelen})"))
     host.agent.tap_create(TapDevice(plan.tap, txqueuelen=plan.txqueuelen, vnet_hdr=True, multi_queue=plan.queues > 1,
                                     address=f"{plan.host_ip}/24"))
+    # What the guest boots from must be readable on the host: a remote host
+    # (ssh) gets copies, named by the artifacts' content keys; nested and
+    # local hosts read this machine's files where they are.
+    image = host.stage(plan.image, plan.image.parent.name)
+    kernel = host.stage(plan.kernel, plan.kernel.parents[2].name)  # <workdir>/kernels/<recipe>-<key>/root/boot/vmlinuz-*
+    initrd_on_host = host.stage(initrd, "initramfs")
     # The base image is staged once per lab host boot into the host's own
     # memory: guest disk reads through 9p under TCG made boots 10x slower.
     staged = f"{host.guest_dir()}/base-{plan.image.parent.name}.qcow2"
     host.run(["mkdir", "-p", gdir, str(Path(console).parent)])
-    host.run(["cp", "-n", str(plan.image), staged])
+    host.run(["cp", "-n", image, staged])
     host.run(["rm", "-f", console])
     host.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", staged, overlay])
     cmdline = " ".join(
@@ -143,7 +150,7 @@ def stage_guest(paths: LabPaths, host: Host, plan: GuestPlan, progress: Progress
             f"lab.queues={plan.queues}",
         ]
     )
-    return StagedGuest(overlay, console, initrd, cmdline)
+    return StagedGuest(overlay, console, Path(initrd_on_host), cmdline, Path(kernel))
 
 
 def boot_guest(
@@ -167,7 +174,7 @@ def boot_guest(
             name=domain,
             vcpus=plan.vcpus,
             memory_mib=plan.memory_mib,
-            kernel=plan.kernel,
+            kernel=staged.kernel or plan.kernel,
             initrd=initrd,
             cmdline=cmdline,
             disk=Path(overlay),

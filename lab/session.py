@@ -41,8 +41,9 @@ from lab.errors import ConfigError, HostCrashed, HostGone, LabError
 from lab.events import Emit, GuestBooted, HostBooted, ModulesSwapped, Progress, Step, quiet
 from lab.guests import GuestPlan, RunningGuest, boot_guest, destroy_guest, list_lab_guests
 from lab.hosts.console import read_oops
+from lab.hosts.deploy import KexecOutcome, KexecTarget, install_full, kexec_cmdline, kexec_deploy, push_modules, running_kernel
 from lab.hosts.host import Host, LocalHost, SshHost
-from lab.hosts.nested import KernelBoot, artifact_build_ids, boot_host, destroy_host, find_host
+from lab.hosts.nested import KernelBoot, artifact_build_ids, boot_host, destroy_host, find_host, labhost_initrd
 from lab.hosts.sshkeys import SshKeyPair, ensure_keypair
 from lab.onhost.modules import params_from_cmdline
 from lab.paths import LabPaths
@@ -122,6 +123,33 @@ def guest_plan(
     )
 
 
+def deploy_full(ctx: LabContext, host: Host, kb: KernelBoot, boot_timeout: float, progress: Progress = quiet,
+                fallback_kb: KernelBoot | None = None) -> KexecOutcome:
+    """Install kernel `kb` on an ssh host and kexec into it, verified (lab.hosts.deploy.kexec_deploy).
+
+    A host that is itself a lab host (its command line has lab.init=) boots
+    with the lab host initramfs of `kb`, sent along; any other host gets an
+    initrd made on it by mkinitramfs. `fallback_kb`: the kernel to return to
+    on a failed check (default: the host's running kernel from its /boot).
+    """
+    current = running_kernel(host)
+    labhost = "lab.init=" in current.cmdline
+    moddir = kb.modules_root / "lib" / "modules" / kb.release
+    target = install_full(host, kb.vmlinuz, moddir, kb.key[:12], labhost_initrd(ctx.paths, kb) if labhost else None, kb.release,
+                          kexec_cmdline(current.cmdline, kb.cmdline), timeout=ctx.cfg.timeouts.build)
+    fallback = None
+    if fallback_kb is not None:
+        fkb = fallback_kb
+        fmod = fkb.modules_root / "lib" / "modules" / fkb.release
+
+        def reinstall() -> KexecTarget:  # installed when needed, on the boot that failed its checks
+            return install_full(host, fkb.vmlinuz, fmod, fkb.key[:12], labhost_initrd(ctx.paths, fkb) if labhost else None,
+                                fkb.release, kexec_cmdline(current.cmdline), timeout=ctx.cfg.timeouts.build)
+
+        fallback = reinstall
+    return kexec_deploy(host, target, kb.module_build_ids, boot_timeout, progress, fallback=fallback)
+
+
 def boot_key(cfg: LabConfig, recipe: str) -> str:
     """Recipes with the same key can share one lab host boot (module swap); others cannot."""
     r = cfg.kernels[recipe]
@@ -145,7 +173,7 @@ def connect_host(ctx: LabContext, spec: HostSpec) -> Host | None:
         host = LocalHost(name=spec.name, command_timeout=timeout)
     else:
         host = SshHost(name=spec.name, uri=spec.uri, address=spec.address, user=spec.user or "root", key=ctx.key.private,
-                       port=spec.ssh_port or 22, command_timeout=timeout)
+                       port=spec.ssh_port or 22, command_timeout=timeout, remote_python=spec.python, lab_path=spec.lab_path)
     if host is not None:
         ctx.hosts[spec.name] = host
     return host
@@ -246,10 +274,18 @@ class LabSession:
         return self.kernel(recipe or self.spec.kernel or "")
 
     def can_swap(self, booted: str, recipe: str) -> bool:
-        """Whether a host booted on `booted` can run `recipe` by swapping modules."""
-        if self.swap_policy == "reboot-host" or self.spec.provider != "nested":
+        """Whether a host booted on `booted` can run `recipe` by swapping modules.
+
+        Nested hosts and ssh hosts can (an ssh host gets the modules pushed,
+        lab.hosts.deploy); a local host runs what this machine booted. On an
+        ssh host the release is checked again when the swap happens.
+        """
+        if self.swap_policy == "reboot-host" or self.spec.provider not in ("nested", "ssh"):
             return False
-        return boot_key(self.ctx.cfg, booted) == boot_key(self.ctx.cfg, recipe)
+        cfg = self.ctx.cfg
+        if booted not in cfg.kernels or recipe not in cfg.kernels:
+            return False
+        return boot_key(cfg, booted) == boot_key(cfg, recipe)
 
     def _boot(self, recipe: str) -> Host:
         self.drop_guests(destroy=self.spec.provider != "nested")  # a nested reboot takes its guests with it
@@ -260,9 +296,17 @@ class LabSession:
         rt = getattr(host, "runtime", None)
         started = getattr(rt, "started_at", None)
         booted_here = self.spec.provider == "nested" and (before is None or started != before)
+        if self.spec.provider == "ssh" and recipe in self.ctx.cfg.kernels:
+            self.state = None
+            booted_here = self._deploy(host, recipe) or booted_here
         facts = self._probe(host, recipe)
         seconds = round(time.monotonic() - t0, 1)
-        boot_id = f"{self.spec.name}@{started:.0f}" if started else f"{self.spec.name}@{uuid.uuid4().hex[:8]}"
+        if started:
+            boot_id = f"{self.spec.name}@{started:.0f}"
+        elif self.spec.provider in ("ssh", "local"):
+            boot_id = f"{self.spec.name}@{running_kernel(host).boot_id[:8]}"  # the kernel's own boot id: a kexec changes it
+        else:
+            boot_id = f"{self.spec.name}@{uuid.uuid4().hex[:8]}"
         if booted_here:
             self._hosts_started.add(boot_id)
             facts["boot_s"] = seconds
@@ -270,6 +314,47 @@ class LabSession:
             self.emit(HostBooted(self.spec.name, recipe, seconds, boot_id))
         self.state = HostState(host, recipe, recipe, recipe, boot_id, facts, booted_here)
         return host
+
+    def _deploy(self, host: Host, recipe: str) -> bool:
+        """Make an ssh host run `recipe`: push and swap a `modules` recipe's modules, kexec into a `full` one.
+
+        Nothing happens when the host already runs the recipe's modules
+        (same build-ids). True when the host was rebooted (kexec).
+        """
+        kb = kernel_boot(self.ctx, recipe, self.emit)
+        loaded = dict(host.agent.probe().modules)
+        r = self.ctx.cfg.kernels[recipe]
+        release = running_kernel(host).release
+        if release == kb.release and kb.module_build_ids and all(loaded.get(m) == b for m, b in kb.module_build_ids.items()):
+            self.emit(Step(self.spec.name, f"already runs {recipe}'s modules"))
+            return False
+        if r.strategy == "modules":
+            # a lab tap left behind holds tun, so it goes first (guests went in _boot)
+            for tap in host.agent.tap_list(f"{self.ctx.cfg.name}-"):
+                host.agent.tap_delete(tap.name)
+            self._swap_in(host, recipe, kb)
+            return False
+        deploy_full(self.ctx, host, kb, self.ctx.cfg.timeouts.host_boot, self.emit)
+        return True
+
+    def _swap_in(self, host: Host, recipe: str, kb: KernelBoot) -> dict[str, Any]:
+        """Put `recipe`'s modules in place of the loaded ones (pushed to a remote first); checked by build-id."""
+        moddir = kb.modules_root / "lib" / "modules" / kb.release
+        if not host.sees_local_files:
+            release = running_kernel(host).release
+            if release != kb.release:
+                raise LabError(
+                    f"{self.spec.name} runs {release}, but recipe {recipe}'s modules are built for {kb.release}: "
+                    "they cannot be loaded into another release",
+                    hint=f'boot {self.spec.name} on {kb.release}, or use a strategy = "full" recipe (installed and kexec\'ed)',
+                )
+        where = str(moddir) if host.sees_local_files else push_modules(host, moddir, kb.key[:12])
+        params = [f"{m}.{p}" for m, ps in params_from_cmdline(kb.cmdline).items() for p in ps]
+        loaded = host.agent.swap_modules(Path(where), params, timeout=self.ctx.cfg.timeouts.command)
+        want = artifact_build_ids(moddir)
+        if loaded.build_ids != want:
+            raise LabError(f"{self.spec.name}: after the swap to {recipe} the loaded modules are not the artifact's: {loaded.build_ids}")
+        return {"build_ids": dict(loaded.build_ids), "seconds": loaded.seconds}
 
     def _running_started_at(self) -> float | None:
         if self.spec.provider != "nested":
@@ -307,16 +392,11 @@ class LabSession:
         for tap in st.host.agent.tap_list(f"{self.ctx.cfg.name}-"):
             st.host.agent.tap_delete(tap.name)
         kb = kernel_boot(self.ctx, recipe, self.emit)
-        moddir = kb.modules_root / "lib" / "modules" / kb.release
-        params = [f"{m}.{p}" for m, ps in params_from_cmdline(kb.cmdline).items() for p in ps]
-        loaded = st.host.agent.swap_modules(moddir, params, timeout=self.ctx.cfg.timeouts.command)
-        want = artifact_build_ids(moddir)
-        if loaded.build_ids != want:
-            raise LabError(f"{self.spec.name}: after the swap to {recipe} the loaded modules are not the artifact's: {loaded.build_ids}")
+        loaded = self._swap_in(st.host, recipe, kb)
         st.modules_recipe, st.arm = recipe, arm
-        st.facts = {**st.facts, "modules": dict(loaded.build_ids), "modules_recipe": recipe}
-        self.swaps.append({"from": old, "to": arm, "recipe": recipe, "seconds": loaded.seconds, "boot_id": st.boot_id})
-        self.emit(ModulesSwapped(self.spec.name, old, arm, loaded.seconds, dict(loaded.build_ids)))
+        st.facts = {**st.facts, "modules": dict(loaded["build_ids"]), "modules_recipe": recipe}
+        self.swaps.append({"from": old, "to": arm, "recipe": recipe, "seconds": loaded["seconds"], "boot_id": st.boot_id})
+        self.emit(ModulesSwapped(self.spec.name, old, arm, loaded["seconds"], dict(loaded["build_ids"])))
 
     def modules_loaded(self) -> dict[str, Any] | None:
         """What cells record as `modules_loaded`: whose modules run now, and their build-ids."""

@@ -96,6 +96,24 @@ class HostRuntime:
             return None
 
 
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file, remembered per (path, size, mtime) so a big image is hashed once per process."""
+    import hashlib
+
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
 def quiet_libvirt() -> None:
     """Stop libvirt-python printing every error to stderr; the lab reports them itself."""
     import libvirt
@@ -219,6 +237,19 @@ class Host:
         """Directory on the host for guest disks and initrds."""
         return f"{HOST_VAR}/guests"
 
+    # Nested and local hosts see this machine's root, so a file of this machine
+    # is already where they look; a remote (SshHost) gets a copy.
+    sees_local_files: bool = True
+
+    def stage(self, local: Path, subdir: str) -> str:
+        """A file of this machine, readable on the host: its path there.
+
+        `subdir` names where a copy goes on a host that needs one
+        (<HOST_VAR>/files/<subdir>/<name>); it should carry the file's content
+        key (an artifact's cache directory name), so two versions never share a path.
+        """
+        return str(local)
+
     def guest_log(self, guest: str) -> str:
         """Path, on the host, of a guest's serial console log."""
         return f"{HOST_STATE}/guests/{guest}.console.log"
@@ -256,6 +287,7 @@ class LocalHost(Host):
 
     name: str = "local"
     provider: str = "local"
+    command_timeout: float = 120.0
 
     def run(self, argv, timeout=None, check=True, stdin=None) -> CommandResult:
         try:
@@ -308,7 +340,12 @@ class _OverSsh(Host):
 
 @dataclass
 class SshHost(_OverSsh):
-    """A remote machine with libvirtd and SSH (the scale-out path)."""
+    """A remote machine with libvirtd and SSH (the scale-out path).
+
+    It has no copy of this machine's files: what a guest boots from is
+    uploaded (`stage`), and the lab agent runs from the remote's own Python
+    (`python`, with the lab package on `lab_path` or installed in it).
+    """
 
     name: str
     uri: str
@@ -318,16 +355,46 @@ class SshHost(_OverSsh):
     port: int = 22
     command_timeout: float = 120.0
     provider: str = "ssh"
+    remote_python: str = "python3"
+    lab_path: str = ""
+    sees_local_files: bool = False
 
     def __post_init__(self) -> None:
         self._runner = SshRunner(SshEndpoint(self.address, self.port, self.user, self.key), self.command_timeout)
+        self._staged: dict[tuple[str, str], str] = {}
 
     def python(self) -> list[str]:
-        # A remote host has its own install of the lab (pip install vhost-lab).
-        return ["python3"]
+        # The remote's own install of the lab: hosts.<name>.python and .lab_path.
+        if self.lab_path:
+            return ["env", f"PYTHONPATH={self.lab_path}", self.remote_python]
+        return [self.remote_python]
 
     def libvirt_uri(self) -> str:
         return self.uri
+
+    def close(self) -> None:
+        # What was uploaded is checked again after a reconnect: a reboot (kexec)
+        # may have taken it (a lab host standing in for a remote keeps it in tmpfs).
+        self._staged.clear()
+        super().close()
+
+    def stage(self, local: Path, subdir: str) -> str:
+        """Upload `local` to <HOST_VAR>/files/<subdir>/ unless a copy with the same SHA-256 is there."""
+        remote_dir = f"{HOST_VAR}/files/{subdir}"
+        remote = f"{remote_dir}/{local.name}"
+        key = (str(local), remote)
+        if key in self._staged:
+            return self._staged[key]
+        want = file_sha256(local)
+        res = self.run(["sha256sum", remote], check=False, timeout=self.command_timeout)
+        if res.rc != 0 or res.stdout.split()[:1] != [want]:
+            self.run(["mkdir", "-p", remote_dir])
+            self._runner.put(local, remote)
+            check = self.run(["sha256sum", remote], timeout=self.command_timeout)
+            if check.stdout.split()[:1] != [want]:
+                raise LabError(f"{self.name}: {remote} does not have the SHA-256 of {local} after the upload")
+        self._staged[key] = remote
+        return remote
 
 
 @dataclass

@@ -85,6 +85,14 @@ def libvirt_caps_dir(paths: LabPaths, kernel: KernelBoot) -> Path:
     return d
 
 
+def labhost_initrd(paths: LabPaths, kernel: KernelBoot) -> Path:
+    """The lab host initramfs for `kernel` (cached by content): what boots a lab host, and what a lab host kexecs with."""
+    modules_dir = kernel.modules_root / "lib" / "modules" / kernel.release
+    return cached_initramfs(
+        InitramfsSpec(modules_dir, LABHOST_MODULES, LABHOST_INITRAMFS.read_text()), paths.initrd_dir, f"labhost-{kernel.key[:12]}"
+    )
+
+
 def find_host(paths: LabPaths, name: str, key: Path, command_timeout: float = 120.0) -> NestedHost | None:
     """The running lab host `name`, or None when it is not up."""
     rt = HostRuntime.load(paths.host_runtime(name))
@@ -135,10 +143,7 @@ def boot_host(
     os.chmod(state / "authorized_keys", 0o600)
 
     progress(Step(name, "initramfs"))
-    modules_dir = kernel.modules_root / "lib" / "modules" / kernel.release
-    initrd = cached_initramfs(
-        InitramfsSpec(modules_dir, LABHOST_MODULES, LABHOST_INITRAMFS.read_text()), paths.initrd_dir, f"labhost-{kernel.key[:12]}"
-    )
+    initrd = labhost_initrd(paths, kernel)
     port = ssh_port or free_loopback_port()
     accel = outer_accel()
     domain = paths.domain_name(name)

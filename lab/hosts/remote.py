@@ -226,6 +226,27 @@ class SshRunner:
             result.check(f"{self.endpoint.user}@{self.endpoint.host}")
         return result
 
+    def put(self, local: Path, remote: str, timeout: float | None = None) -> None:
+        """Copy file `local` to path `remote` on the endpoint (SFTP over the kept connection), bounded by `timeout`.
+
+        Written under a temporary name and renamed, so a copy cut short never
+        passes for a whole file.
+        """
+        if not _SAFE_ARG.fullmatch(remote) or not remote.startswith("/"):
+            raise LabError(f"refusing to upload to {remote!r}: expected an absolute path without control characters")
+        limit = timeout if timeout is not None else max(self.default_timeout, 600.0)
+        tmp = f"{remote}.part"
+        fired = threading.Event()
+        try:
+            with self.deadline(limit + ABORT_GRACE_S + self.endpoint.connect_timeout, fired):
+                conn = self._connection()
+                conn.put(str(local), tmp)
+        except Exception as exc:
+            self.close()
+            why = f"timed out after {limit:.0f}s" if fired.is_set() else f"{type(exc).__name__}: {exc}"
+            raise LabError(f"upload of {local} to {self.endpoint.host}:{remote} failed: {why}") from None
+        self.run(["mv", "-f", tmp, remote], timeout=60)
+
     def close(self) -> None:
         """Drop the connection and its gateway's (reopened on the next run).
 

@@ -287,3 +287,41 @@ def swaps_and_boots(cells: Sequence[Cell], boot_key: Callable[[str], str]) -> di
             guests += 1
             config = c.guest_config
     return {"host_boots": boots, "module_swaps": swaps, "guest_boots": guests}
+
+
+def assign_hosts(cells: Sequence[Cell], hosts: Sequence[str]) -> dict[str, str]:
+    """Which host measures each cell (cell id -> host), for a run spread over `hosts`.
+
+    Every arm and repeat of one point go to one host, so each comparison
+    (same point, other arm) is made between cells of one host, never across
+    hosts (lab.verdicts.stats refuses those). The unit handed out is a guest
+    config (backend, queues) with all its points, so the within-kernel
+    properties (txqueuelen 1 against 1000 of one backend) stay on one host too
+    and a host boots as few guest configs as it can; only when there are fewer
+    guest configs than hosts are configs split, point by point. Units are cut
+    into contiguous runs of about equal cell counts, one run per host, in run
+    order. Deterministic: the same plan and hosts always give the same map.
+    """
+    hosts = list(dict.fromkeys(hosts))
+    if not hosts:
+        raise ValueError("assign_hosts needs at least one host")
+    units: dict[object, list[Cell]] = {}
+    for c in cells:
+        units.setdefault(c.guest_config, []).append(c)
+    if len(units) < len(hosts):
+        configs = list(units)
+        units = {}
+        for c in sorted(cells, key=lambda c: configs.index(c.guest_config)):  # sorted() is stable: run order inside
+            units.setdefault(c.point, []).append(c)
+    total = sum(len(v) for v in units.values())
+    out: dict[str, str] = {}
+    done = 0
+    h = 0
+    for members in units.values():
+        # the next host once this one has its share (the last takes the rest); never skip a host
+        if h < len(hosts) - 1 and done >= total * (h + 1) / len(hosts):
+            h += 1
+        for c in members:
+            out[c.id] = hosts[h]
+        done += len(members)
+    return out

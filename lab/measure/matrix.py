@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
 import uuid
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from lab.errors import HostGone, LabError
 from lab.events import CellFinished, CellStarted, Emit, HostCrash, Step, quiet
 from lab.guests import RunningGuest, console_tail, guest_mac
-from lab.measure.cells import Arm, Cell, arms_of, expand, schedule, swaps_and_boots
+from lab.measure.cells import Arm, Cell, arms_of, assign_hosts, expand, schedule, swaps_and_boots
 from lab.onhost.drops import RING_REASON
 from lab.onhost.net import NetemDelay
 from lab.onhost.pktgen import PktgenMeasurement, PktgenRun
@@ -316,23 +317,29 @@ class MatrixRunner:
     """Runs the cells of one (profile-applied) matrix into one run store, through one lab session."""
 
     def __init__(
-        self, ctx: LabContext, spec: MatrixSpec, store: RunStore, emit: Emit = quiet, arms: Sequence[Arm] | None = None
+        self, ctx: LabContext, spec: MatrixSpec, store: RunStore, emit: Emit = quiet, arms: Sequence[Arm] | None = None,
+        host: str | None = None,
     ) -> None:
+        """`host`: which of the matrix's hosts this runner owns (default: matrices.<name>.host); with several
+        hosts (matrices.<name>.hosts) each runner measures only the cells assigned to its host."""
         cfg = ctx.cfg
         self.ctx = ctx
         self.spec = spec
         self.store = store
         self.emit = emit
-        self.host_spec = cfg.hosts[spec.host]
+        host = host or spec.host
+        if host not in spec.run_hosts:
+            raise LabError(f"matrix {spec.name} does not run on host {host!r}", hint="one of: " + ", ".join(spec.run_hosts))
+        self.host_spec = cfg.hosts[host]
         self.guest_spec = cfg.guests[spec.guest]
         self.meta: RunMeta = store.read_meta()
         self.arms = list(arms) if arms is not None else arms_from_meta(self.meta) or arms_of(spec)
         recipes = {a.recipe for a in self.arms}
-        if self.host_spec.provider != "nested" and len(recipes) > 1:
+        if self.host_spec.provider == "local" and len(recipes) > 1:
             raise LabError(
-                f"matrix {spec.name}: host {spec.host} is a {self.host_spec.provider!r} host, which cannot switch "
+                f"matrix {spec.name}: host {host} is a 'local' host, which runs this machine's kernel and cannot switch "
                 f"kernels, but the matrix compares {len(recipes)} ({', '.join(sorted(recipes))})",
-                hint=f"use a nested host for matrices.{spec.name}.host, or a profile with one kernel",
+                hint=f"use a nested or ssh host for matrices.{spec.name}.host, or a profile with one kernel",
             )
         self.session = LabSession(ctx, self.host_spec, self._on_event, swap=spec.swap)
         self.timing = Timing()
@@ -350,10 +357,18 @@ class MatrixRunner:
         """Every cell of the matrix, in run order (interleaved; lab.measure.cells.schedule)."""
         return planned_cells(self.ctx.cfg, self.spec, self.arms)
 
+    def mine(self) -> list[Cell]:
+        """The planned cells this runner's host measures (all of them unless the matrix spreads over several hosts)."""
+        hosts = self.spec.run_hosts
+        if len(hosts) == 1:
+            return self.plan()
+        where = assign_hosts(self.plan(), hosts)
+        return [c for c in self.plan() if where[c.id] == self.host_spec.name]
+
     def pending(self) -> list[Cell]:
-        """The plan minus the cells whose latest attempt in the store is ok (what --resume runs)."""
+        """This host's planned cells minus those whose latest attempt in the store is ok (what --resume runs)."""
         done = self.store.completed_ids()
-        return [c for c in self.plan() if c.id not in done]
+        return [c for c in self.mine() if c.id not in done]
 
     def cell(self, cell_id: str) -> Cell:
         """A planned cell by id (KeyError when the matrix has no such cell)."""
@@ -464,8 +479,7 @@ class MatrixRunner:
         self.timing.host_crashes += 1
         entry = {"at": now_iso(), "oops": crash.oops, "console_log": crash.console_log, "stage": stage, "cell": cell.id,
                  "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
-        self.meta.extra.setdefault("host_crashes", []).append({**entry, "head": crash.head})
-        self.store.write_meta(self.meta)
+        self.meta = self.store.update_meta(lambda m: m.extra.setdefault("host_crashes", []).append({**entry, "head": crash.head}))
         self.emit(HostCrash(self.host_spec.name, entry["at"], crash.oops, crash.console_log))
         return entry
 
@@ -539,7 +553,7 @@ class MatrixRunner:
         try:
             from lab.session import kernel_boot
 
-            if self.host_spec.provider == "nested":
+            if self.host_spec.provider in ("nested", "ssh"):
                 for recipe in dict.fromkeys(a.recipe for a in self.arms):
                     kernel_boot(self.ctx, recipe, self.emit)
             self._base_plan = guest_plan(self.ctx, self.guest_spec, progress=self.emit)
@@ -563,13 +577,26 @@ class MatrixRunner:
         st = self.session.state
         if st is not None and st.boot_id != before:
             self._drop_guest_handles()
-            self.meta.hosts[f"{self.host_spec.name}/{cell.recipe_name}"] = dict(st.facts)
-            self.meta.extra["lab_session"] = self.session.describe()
-            self.store.write_meta(self.meta)
-        elif st is not None and self.session.swaps and self.meta.extra.get("lab_session") != self.session.describe():
-            self.meta.extra["lab_session"] = self.session.describe()
-            self.store.write_meta(self.meta)
+            facts = dict(st.facts)
+            self._write_session(lambda m: m.hosts.__setitem__(f"{self.host_spec.name}/{cell.recipe_name}", facts))
+        elif st is not None and self.session.swaps and self._session_entry() != self.session.describe():
+            self._write_session()
         return host
+
+    def _session_entry(self) -> Any:
+        return (self.meta.extra.get("lab_sessions") or {}).get(self.host_spec.name)
+
+    def _write_session(self, change: Any = None) -> None:
+        """Record this runner's lab session (boots, swaps) in meta.json, under the run's lock (other hosts' runners write too)."""
+        mine = self.session.describe()
+        name = self.host_spec.name
+
+        def apply(m: RunMeta) -> None:
+            if change is not None:
+                change(m)
+            record_lab_session(m, name, mine)
+
+        self.meta = self.store.update_meta(apply)
 
     def _ensure_guest(self, cell: Cell) -> RunningGuest:
         assert self._base_plan is not None
@@ -654,6 +681,17 @@ class MatrixRunner:
         """Tear down what the run made (guest, then lab host) unless `keep`. Idempotent."""
         self._drop_guest_handles()
         self.session.close(keep=keep)
+
+
+def record_lab_session(meta: RunMeta, host: str, described: dict[str, Any]) -> None:
+    """Put one host's lab session into meta: extra.lab_sessions[host], and extra.lab_session, all hosts' boots and swaps together."""
+    sessions = meta.extra.setdefault("lab_sessions", {})
+    sessions[host] = described
+    merged: dict[str, Any] = {"host": ", ".join(sessions), "boots": [], "swaps": []}
+    for d in sessions.values():
+        merged["boots"] += list(d.get("boots") or [])
+        merged["swaps"] += list(d.get("swaps") or [])
+    meta.extra["lab_session"] = merged
 
 
 def arms_from_meta(meta: RunMeta) -> list[Arm]:
@@ -798,29 +836,42 @@ def finish_run(runner: MatrixRunner, session_started: float, session_started_at:
     "wall_s", "traffic_s", "boots_s", "builds_s" plus "overhead" (the target check).
     """
     cfg = runner.ctx.cfg
-    meta = runner.meta
     wall = time.monotonic() - session_started
     t = runner.timing
-    if t.cells_run or stopped or not meta.extra.get("resumed"):
+    host = runner.host_spec.name
+
+    def apply(meta: RunMeta) -> None:
+        # Under the run's lock, on the meta as it is on disk now: the runners of
+        # other hosts (pytest-xdist workers) finish into the same meta.json.
         meta.finished_at = now_iso()
         sessions = meta.extra.setdefault("sessions", [])
-        entry = {"session": runner.session_id, "started_at": session_started_at, "finished_at": meta.finished_at,
+        entry = {"session": runner.session_id, "host": host, "pid": os.getpid(), "worker": os.environ.get("PYTEST_XDIST_WORKER"),
+                 "started_at": session_started_at, "finished_at": meta.finished_at,
                  "argv": list(sys.argv), "wall_s": round(wall, 1), **t.to_dict(), "stopped": stopped}
         # finishing the same session again (pytest: properties, then session end) updates its entry
-        if sessions and isinstance(sessions[-1], dict) and sessions[-1].get("session") == runner.session_id:
-            sessions[-1] = entry
+        mine = [i for i, e in enumerate(sessions) if isinstance(e, dict) and e.get("session") == runner.session_id]
+        if mine:
+            sessions[mine[-1]] = entry
         else:
             sessions.append(entry)
         keys = ("wall_s", "traffic_s", "boots_s", "builds_s", "warmup_s", "host_crashes", "retries", "module_swaps")
         totals = {k: round(sum(float(s.get(k) or 0) for s in sessions), 1) for k in keys}
         meta.extra.update(totals)
         meta.extra["overhead"] = overhead(totals["wall_s"], totals["traffic_s"], totals["boots_s"], totals["builds_s"])
-        meta.extra["lab_session"] = runner.session.describe()
-        if stopped:
-            meta.extra["stopped"] = stopped
+        record_lab_session(meta, host, runner.session.describe())
+        # the run stopped when the latest session of any host stopped
+        latest: dict[str, Any] = {}
+        for e in sessions:
+            if isinstance(e, dict):
+                latest[str(e.get("host") or "")] = e.get("stopped")
+        why = [f"{h}: {v}" if h and len(latest) > 1 else str(v) for h, v in latest.items() if v]
+        if why:
+            meta.extra["stopped"] = "; ".join(why)
         else:
             meta.extra.pop("stopped", None)
-        runner.store.write_meta(meta)
+
+    if t.cells_run or stopped or not runner.meta.extra.get("resumed"):
+        runner.meta = runner.store.update_meta(apply)
     data = runner.store.load()
     props = evaluate_run(data, cfg)
     passed = expect.all_passed(props) and stopped is None and all(r.ok for r in data.latest()) and not data.missing_ids()
@@ -884,26 +935,37 @@ def run_matrix(
     """
     session_t0, session_at = time.monotonic(), now_iso()
     spec, store = open_run(ctx, matrix_name, profile, resume, aa=aa)
-    runner = MatrixRunner(ctx, spec, store, emit)
-    pending = runner.pending()
+    # One runner per host; here the hosts take their turns (pytest -n N --dist
+    # loadgroup runs them at once, one worker each: tests/matrix).
+    runners = [MatrixRunner(ctx, spec, store, emit, host=h) for h in spec.run_hosts]
     if on_start is not None:
-        on_start(runner, runner.plan(), pending)
+        on_start(runners[0], runners[0].plan(), [c for r in runners for c in r.pending()])
     stopped: str | None = None
-    try:
-        for cell in pending:
-            try:
-                runner.run_cell(cell)
-            except HostGone as exc:
-                stopped = str(exc)
-                break
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-        if raise_interrupt:
-            raise
-    finally:
+    outcome: MatrixOutcome | None = None
+    for runner in runners:
+        host_t0, host_at = time.monotonic(), now_iso()
+        host_stopped: str | None = None
         try:
-            runner.close(keep=keep)
+            for cell in runner.pending():
+                try:
+                    runner.run_cell(cell)
+                except HostGone as exc:
+                    host_stopped = str(exc)
+                    break
+        except KeyboardInterrupt:
+            host_stopped = stopped = "interrupted"
+            if raise_interrupt:
+                raise
         finally:
-            outcome = finish_run(runner, session_t0, session_at, stopped)
+            try:
+                runner.close(keep=keep)
+            finally:
+                t0, at = (session_t0, session_at) if runner is runners[0] else (host_t0, host_at)
+                outcome = finish_run(runner, t0, at, host_stopped)
+        stopped = stopped or host_stopped
+        if stopped == "interrupted":
+            break
+    assert outcome is not None
+    if stopped and not outcome.stopped:
+        outcome = dataclasses.replace(outcome, stopped=stopped)
     return outcome
-

@@ -54,6 +54,27 @@ def module_files(moddir: Path) -> dict[str, Path]:
     return out
 
 
+def outside_deps(moddir: Path) -> list[str]:
+    """Modules the lab's depend on that are not among them (vhost needs vhost_iotlb), from `moddir`'s modules.dep.
+
+    A pushed tree holds only the lab's four files: these come from the running kernel's own tree (modprobe).
+    """
+    out: list[str] = []
+    try:
+        lines = (moddir / "modules.dep").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        rel, _, deps = line.partition(":")
+        if Path(rel).name.split(".ko")[0] not in LOAD_ORDER:
+            continue
+        for d in deps.split():
+            name = Path(d).name.split(".ko")[0]
+            if name not in LOAD_ORDER and name not in out:
+                out.append(name)
+    return out
+
+
 def params_from_cmdline(cmdline: Sequence[str]) -> dict[str, list[str]]:
     """Kernel command line words "<module>.<param>=<value>" of the lab's modules -> insmod arguments."""
     out: dict[str, list[str]] = {}
@@ -83,6 +104,12 @@ def swap(moddir: Path, params: Mapping[str, Sequence[str]] | None = None, timeou
             res = proc.run(["rmmod", m], timeout=timeout)
             if res.rc != 0:
                 raise LabError(f"cannot unload {m}: {res.stderr.strip() or res.stdout.strip()} (is a guest or tap still holding it?)")
+    for dep in outside_deps(moddir):
+        if not Path(f"/sys/module/{dep}").exists():
+            res = proc.run(["modprobe", dep], timeout=timeout)
+            if res.rc != 0:
+                raise LabError(f"cannot load {dep} (needed by the lab's modules) from this kernel's own tree: "
+                               f"{res.stderr.strip() or res.stdout.strip()}")
     for m in LOAD_ORDER:
         res = proc.run(["insmod", str(files[m]), *params.get(m, [])], timeout=timeout)
         if res.rc != 0:

@@ -196,6 +196,7 @@ def _build_tables(run: RunData, kernels: Sequence[str] | None, compare: RunData 
     if compare is not None:
         other_idx = {s.key: s for s in compare.summaries()}
 
+    several_hosts = len({h for s in summaries for h in s.hosts}) > 1
     tables: list[_Table] = []
     for backend in backends_in_order(summaries):
         for kind in ("iperf3", "pktgen"):
@@ -205,6 +206,8 @@ def _build_tables(run: RunData, kernels: Sequence[str] | None, compare: RunData 
             idx = {s.key: s for s in summaries if s.backend == backend}
             unit = "Mbit/s" if kind == "iperf3" else "tx kpps"
             cols = [_Column("point", "cell", "cell", 0, left=True)]
+            if several_hosts:
+                cols.append(_Column("host", "host", "host", 0, left=True))
             cols += [_Column(f"v:{k}", f"{k}\n{unit}", k, 1) for k in ks]
             cols += [_Column(f"r:{k}", f"{k}/{base}\nratio [95% CI] verdict", f"{k}/{base}", 2) for k in others]
             if compare is not None:
@@ -223,6 +226,10 @@ def _build_tables(run: RunData, kernels: Sequence[str] | None, compare: RunData 
             for p in points:
                 per_k = {k: idx.get((k, p)) for k in ks}
                 row: list[_Cell] = [_Cell(_row_label(p))]
+                if several_hosts:
+                    # which host measured this point's cells (every arm's: a ratio never mixes hosts)
+                    hosts_here = list(dict.fromkeys(h for k in ks if per_k[k] is not None for h in per_k[k].hosts))
+                    row.append(_Cell(",".join(hosts_here) or "-", error=len(hosts_here) > 1))
                 for k in ks:
                     s = per_k[k]
                     if s is None:
@@ -328,8 +335,12 @@ def _environment(run: RunData) -> list[tuple[str, str]]:
         secs = [float(s.get("seconds") or 0) for s in swaps]
         sw = f", {len(swaps)} module swaps (median {statistics.median(secs):.1f}s)" if swaps else ", no module swaps"
         env.append(("boots", f"{len(boots)} lab host boot(s){sw}"))
-    boot_sets = {frozenset(s.boots) for s in run.summaries() if s.boots}
-    if len({b for bs in boot_sets for b in bs}) > 1:
+    # only where one point's arms come from different boots (several hosts each with its own boot are fine)
+    per_point: dict[Point, set[frozenset[str]]] = {}
+    for s in run.summaries():
+        if s.boots:
+            per_point.setdefault(s.point, set()).add(frozenset(s.boots))
+    if any(len(sets) > 1 for sets in per_point.values()):
         env.append(("note", "some comparisons span different lab host boots (marked ~): boot-to-boot noise is included there"))
     crashes = [c for c in x.get("host_crashes") or [] if isinstance(c, dict)]
     retried = sum(max(0, r.attempts - 1) for r in run.latest())
@@ -358,8 +369,9 @@ def _environment(run: RunData) -> list[tuple[str, str]]:
     if missing:
         counts += f", {len(missing)} not run"
     env.append(("cells", counts))
-    base = x.get("baseline")
-    if isinstance(base, str):
+    # a point whose arms ran on different hosts gets no ratio: say which, and why
+    base = ReportContext().baseline_of(run)
+    if base:
         for line in refused(run.summaries(), base):
             env.append(("refused", line))
     if x.get("stopped"):

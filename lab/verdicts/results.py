@@ -12,12 +12,14 @@ A report is always rendered from these files, never from live state.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import statistics
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +29,7 @@ from lab.errors import LabError
 
 META_NAME = "meta.json"
 RESULTS_NAME = "results.jsonl"
+LOCK_NAME = ".lock"  # flock'ed while results.jsonl or meta.json change (several processes share a run)
 LOGS_NAME = "logs"
 RUNS_DIR = "runs"
 
@@ -501,9 +504,52 @@ class RunStore:
 
     def __init__(self, run_dir: Path | str) -> None:
         self.run_dir = Path(run_dir)
-        # Cells on several hosts may finish at once (ssh scale-out, one thread each):
-        # the torn-line check and the write must not interleave.
-        self._append_lock = threading.Lock()
+        # Cells on several hosts finish at once: threads of one process (this lock)
+        # and processes sharing the run directory (pytest-xdist workers, one per
+        # host: flock on <run>/.lock, see `locked`) must not interleave the
+        # torn-line check and the write, or a read-modify-write of meta.json.
+        self._append_lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run's lock: this process's threads and every other process using the run directory.
+
+        flock(2) on <run>/.lock; re-entrant within one thread of one process
+        (an update_meta inside an append block does not deadlock).
+        """
+        with self._append_lock:
+            depth = getattr(self, "_lock_depth", 0)
+            if depth:
+                self._lock_depth = depth + 1
+                try:
+                    yield
+                finally:
+                    self._lock_depth -= 1
+                return
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._lock_depth = 1
+                try:
+                    yield
+                finally:
+                    self._lock_depth = 0
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    def update_meta(self, change: Callable[[RunMeta], None]) -> RunMeta:
+        """Read meta.json, apply `change` to it, write it back, all under the run's lock; returns the new meta.
+
+        What several processes of one run write into meta.json goes through
+        here, so no process overwrites another's keys with its stale copy.
+        """
+        with self.locked():
+            meta = self.read_meta()
+            change(meta)
+            self.write_meta(meta)
+            return meta
 
     @property
     def meta_path(self) -> Path:
@@ -552,7 +598,7 @@ class RunStore:
         """
         line = (json.dumps(result.to_dict(), separators=(",", ":"), default=str) + "\n").encode("utf-8")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with self._append_lock, open(self.results_path, "ab", buffering=0) as f:
+        with self.locked(), open(self.results_path, "ab", buffering=0) as f:
             if f.seek(0, os.SEEK_END) > 0:
                 with open(self.results_path, "rb") as r:
                     r.seek(-1, os.SEEK_END)

@@ -56,8 +56,103 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "matrix: a vhost-lab matrix run (tests/matrix); boots nested VMs")
+    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist --dist loadgroup: tests of one group run in one worker")
     if requested(config):
         selection(config)  # a bad --matrix/--profile/--resume/--lab-config is a usage error, before collection
+        if config.pluginmanager.hasplugin("xdist") and not is_worker(config):
+            config.pluginmanager.register(_Controller(config), "vhost-lab-matrix-controller")
+
+
+# --------------------------------------------------------------------------- several hosts: pytest-xdist
+#
+#     pytest tests/matrix --lab-config two-hosts.toml -n 2 --dist loadgroup
+#
+# One worker per host: every cell test carries xdist_group(<its host>), so all
+# cells of a host run in one worker, which owns that host (boots it, swaps its
+# modules, destroys it). The controller creates the run directory once and
+# hands it to the workers; every worker appends to the same results.jsonl and
+# meta.json under the run's flock (lab.verdicts.results.RunStore.locked). The
+# property tests run in the last host's worker after its cells, and wait until
+# every other host's cells are in the results file too.
+#
+# The grouping is xdist's own LoadScopeScheduling (loadgroup's base), given
+# the host as each test's scope through the pytest_xdist_make_scheduler hook:
+# loadgroup itself reads the groups from node ids it rewrites
+# (item._nodeid += "@group"), which pytest 9.2 no longer honours (Node.nodeid
+# comes from Node._id), so --dist loadgroup alone would spread one host's
+# cells over both workers, and two workers would fight over one lab host.
+
+
+def is_worker(config: pytest.Config) -> bool:
+    """True in a pytest-xdist worker process."""
+    return hasattr(config, "workerinput")
+
+
+RUN_DIR = pytest.StashKey[str]()
+WORKER_RUN_KEY = "vhost_lab_run_dir"
+
+
+class _Controller:
+    """The xdist controller's part: one run directory for every worker."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def run_dir(self) -> str:
+        if RUN_DIR not in self.config.stash:
+            from lab.measure.matrix import open_run
+            from lab.session import LabContext
+
+            sel = selection(self.config)
+            ctx = LabContext.open(sel.cfg)
+            _spec, store = open_run(ctx, sel.spec.name, sel.spec.profile, sel.resume, argv=sys.argv, aa=sel.aa and not sel.resume)
+            self.config.stash[RUN_DIR] = str(store.run_dir)
+        return self.config.stash[RUN_DIR]
+
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput[WORKER_RUN_KEY] = self.run_dir()
+
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        sel = selection(config)
+        if len(sel.hosts) < 2 or config.getvalue("dist") not in ("loadgroup", "loadscope"):
+            return None  # xdist's own choice
+        return host_scheduling(config, log, sel)
+
+
+def host_of_test(nodeid: str, sel: Selection) -> str | None:
+    """The host a matrix test belongs to: its cell's host; the property tests go with the last host."""
+    nodeid = nodeid.rsplit("@", 1)[0] if nodeid.rfind("@") > nodeid.rfind("]") else nodeid  # loadgroup's suffix, where it works
+    name = nodeid.rsplit("::", 1)[-1]
+    if name.startswith("test_cell[") and name.endswith("]"):
+        return sel.where.get(name[len("test_cell["):-1])
+    if name.startswith("test_property["):
+        return sel.hosts[-1]
+    return None
+
+
+def host_scheduling(config: pytest.Config, log: Any, sel: Selection) -> Any:
+    """xdist's LoadScopeScheduling with a test's host as its scope: one work unit per host."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class HostScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return host_of_test(nodeid, sel) or nodeid
+
+    return HostScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the xdist_group marks into node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    sel = selection(config)
+    if not sel.requested or len(sel.hosts) < 2:
+        return
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        if "cell_id" in params and params["cell_id"] in sel.where:
+            item.add_marker(pytest.mark.xdist_group(name=sel.where[params["cell_id"]]))
+        elif "property_name" in params:
+            item.add_marker(pytest.mark.xdist_group(name=sel.hosts[-1]))
 
 
 def _opt(config: pytest.Config, name: str, default: Any = None) -> Any:
@@ -92,6 +187,8 @@ class Selection:
     property_names: list[str] = field(default_factory=list)
     resume: str | None = None
     aa: bool = False
+    hosts: tuple[str, ...] = ()  # the hosts the cells run on (matrices.<name>.hosts, or just host)
+    where: dict[str, str] = field(default_factory=dict)  # cell id -> host (lab.measure.cells.assign_hosts)
 
 
 SELECTION = pytest.StashKey[Selection]()
@@ -128,14 +225,19 @@ def selection(config: pytest.Config) -> Selection:
             arms = arms or arms_of(spec, aa=aa)
         except LabError as e:
             raise pytest.UsageError(f"vhost-lab matrix: {e}") from None
+        from lab.measure.cells import assign_hosts
+
+        plan = planned_cells(cfg, spec, arms)
         sel = Selection(
             requested=True,
             cfg=cfg,
             spec=spec,
-            cell_ids=[c.id for c in planned_cells(cfg, spec, arms)],
+            cell_ids=[c.id for c in plan],
             property_names=property_names(spec.backends, cfg.expectations),
             resume=resume,
             aa=aa,
+            hosts=spec.run_hosts,
+            where=assign_hosts(plan, spec.run_hosts),
         )
     config.stash[SELECTION] = sel
     return sel
@@ -187,26 +289,71 @@ def _progress(event) -> None:
 
 @dataclass
 class MatrixSession:
-    """A matrix run driven by pytest: the runner, and the outcome once finished."""
+    """A matrix run driven by pytest: one runner per host this process owns, and the outcome once finished."""
 
-    runner: Any  # lab.measure.matrix.MatrixRunner
     ctx: Any  # lab.session.LabContext
+    spec: Any  # lab.config.MatrixSpec
+    store: Any  # lab.verdicts.results.RunStore
+    where: dict[str, str]  # cell id -> host
     keep: bool
     t0: float
     started_at: str
     completed_at_start: dict[str, Any]  # cell id -> stored ok CellResult (resume)
     outcome: Any = None  # lab.measure.matrix.MatrixOutcome
     stopped: str | None = None
+    runners: dict[str, Any] = field(default_factory=dict)  # host -> lab.measure.matrix.MatrixRunner
+    finished: set[str] = field(default_factory=set)
+
+    def runner_for(self, cell_id: str) -> Any:
+        """The runner of the host that measures `cell_id` (made on first use: a host is booted only by its worker)."""
+        from lab.measure.matrix import MatrixRunner
+
+        host = self.where.get(cell_id, self.spec.host)
+        if host not in self.runners:
+            self.runners[host] = MatrixRunner(self.ctx, self.spec, self.store, _progress, host=host)
+        return self.runners[host]
+
+    @property
+    def runner(self) -> Any:
+        """The first runner (single-host runs have exactly one)."""
+        if not self.runners:
+            return self.runner_for(next(iter(self.where), ""))
+        return next(iter(self.runners.values()))
 
     def finish(self) -> Any:
-        """Tear down what the run booted, evaluate the properties, write meta (again: idempotent)."""
-        from lab.measure.matrix import finish_run
+        """Tear down what this process booted, write its sessions into meta (idempotent), evaluate the whole run."""
+        from lab.measure.matrix import evaluate_run, finish_run
 
-        try:
-            self.runner.close(keep=self.keep)
-        finally:
-            self.outcome = finish_run(self.runner, self.t0, self.started_at, self.stopped)
+        outcome = None
+        for runner in list(self.runners.values()):
+            try:
+                runner.close(keep=self.keep)
+            finally:
+                outcome = finish_run(runner, self.t0, self.started_at, self.stopped)
+        if outcome is None:
+            from lab.measure.matrix import MatrixOutcome
+
+            data = self.store.load()
+            props = evaluate_run(data, self.ctx.cfg)
+            outcome = MatrixOutcome(self.store.run_dir, data, props, False, 0.0, 0.0, 0.0)
+        self.outcome = outcome
         return self.outcome
+
+    def wait_for_other_hosts(self) -> None:
+        """Until every planned cell has a result (other workers measure other hosts), or nothing arrived for too long."""
+        t = self.ctx.cfg.timeouts
+        idle_limit = t.host_boot + t.guest_boot + self.spec.duration_s + t.cell_grace + 60
+        last, since = -1, time.monotonic()
+        while True:
+            data = self.store.load()
+            if not data.missing_ids():
+                return
+            if len(data.results) != last:
+                last, since = len(data.results), time.monotonic()
+            elif time.monotonic() - since > idle_limit:
+                log.warning("waited %.0fs with no new cell result; %d cells missing", idle_limit, len(data.missing_ids()))
+                return
+            time.sleep(5)
 
 
 @pytest.fixture(scope="session")
@@ -219,16 +366,18 @@ def matrix_run(request: pytest.FixtureRequest):
     why = cannot_run()
     if why:
         pytest.skip(why)
-    from lab.measure.matrix import MatrixRunner, open_run
+    from lab.measure.matrix import open_run
     from lab.session import LabContext
-    from lab.verdicts.results import now_iso
+    from lab.verdicts.results import RunStore, now_iso
 
     t0, at = time.monotonic(), now_iso()
     ctx = LabContext.open(sel.cfg)
-    spec, store = open_run(ctx, sel.spec.name, sel.spec.profile, sel.resume, argv=sys.argv, aa=sel.aa and not sel.resume)
-    runner = MatrixRunner(ctx, spec, store, _progress)
+    if is_worker(config) and WORKER_RUN_KEY in config.workerinput:
+        spec, store = sel.spec, RunStore(config.workerinput[WORKER_RUN_KEY])  # the controller opened the run
+    else:
+        spec, store = open_run(ctx, sel.spec.name, sel.spec.profile, sel.resume, argv=sys.argv, aa=sel.aa and not sel.resume)
     done = {r.cell: r for r in store.load().latest() if r.ok}
-    state = MatrixSession(runner, ctx, bool(_opt(config, "keep", False)), t0, at, done)
+    state = MatrixSession(ctx, spec, store, dict(sel.where), bool(_opt(config, "keep", False)), t0, at, done)
     config.stash[STATE] = state
     try:
         yield state
@@ -241,24 +390,45 @@ def matrix_run(request: pytest.FixtureRequest):
 
 @pytest.fixture(scope="session")
 def matrix_properties(matrix_run: MatrixSession) -> list[Any]:
-    """The properties over the run so far: all cells are done when the first property test runs."""
-    return list(matrix_run.finish().properties)
+    """The properties over the whole run: this process's cells are done when the first property test runs;
+    with several hosts (xdist workers), the other hosts' cells are waited for."""
+    matrix_run.finish()
+    if len(matrix_run.spec.run_hosts) > 1:
+        from lab.measure.matrix import evaluate_run
+
+        matrix_run.wait_for_other_hosts()
+        return list(evaluate_run(matrix_run.store.load(), matrix_run.ctx.cfg))
+    return list(matrix_run.outcome.properties)
 
 
 # --------------------------------------------------------------------------- the report
 
 
+def _outcome_from_disk(config: pytest.Config) -> Any:
+    """The xdist controller's view of the run: everything the workers wrote, loaded back."""
+    run_dir = config.stash.get(RUN_DIR, None)
+    if run_dir is None:
+        return None
+    from lab.measure.matrix import MatrixOutcome, evaluate_run
+    from lab.verdicts.results import RunStore
+
+    sel = selection(config)
+    data = RunStore(run_dir).load()
+    props = evaluate_run(data, sel.cfg)
+    return MatrixOutcome(Path(run_dir), data, props, False, 0.0, 0.0, 0.0, stopped=data.meta.extra.get("stopped"))
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     state = config.stash.get(STATE, None)
-    if state is None or state.outcome is None:
+    o = state.outcome if state is not None else _outcome_from_disk(config)
+    if o is None:
         return
     from rich.console import Console
 
     from lab.measure.matrix import summary_line
     from lab.verdicts.report import ReportContext, render
 
-    o = state.outcome
-    exp = state.ctx.cfg.expectations
+    exp = selection(config).cfg.expectations
     tw = getattr(terminalreporter, "_tw", None)
     buf = io.StringIO()
     console = Console(

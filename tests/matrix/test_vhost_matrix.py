@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.matrix, pytest.mark.slow]
 
 
 def test_cell(matrix_run, cell_id: str) -> None:
-    runner = matrix_run.runner
+    runner = matrix_run.runner_for(cell_id)
     stored = matrix_run.completed_at_start.get(cell_id)
     if stored is not None:
         pytest.skip(

@@ -284,6 +284,7 @@ class FakeHost:
     name: str = "lab1"
     provider: str = "nested"
     closed: bool = False
+    sees_local_files: bool = True
 
     @property
     def runtime(self):
@@ -741,3 +742,23 @@ def test_resuming_a_finished_run_boots_nothing_and_keeps_its_totals(lab, tmp_pat
     assert line.startswith("wall ") and "traffic 80s" in line
     assert M.summary_line(replace(again, run_data=replace(again.run_data, meta=RunMeta(run_id="x", matrix="m")),
                                   traffic_s=0.0)).endswith("no traffic ran in this session")
+
+
+def test_run_matrix_over_two_hosts_measures_each_cell_on_its_assigned_host(lab, tmp_path):
+    """`lab run` with matrices.<name>.hosts: one runner per host (here in turn; pytest-xdist runs them at once)."""
+    from lab.measure.cells import assign_hosts
+
+    ctx = context(tmp_path, hosts=("lab1", "lab2"))
+    ctx.cfg.hosts["lab2"] = replace(ctx.cfg.hosts["lab1"], name="lab2")
+    outcome = M.run_matrix(ctx, "vhost-matrix", profile="smoke")
+    plan = M.planned_cells(ctx.cfg, ctx.cfg.matrices["vhost-matrix"].with_profile("smoke"))
+    where = assign_hosts(plan, ("lab1", "lab2"))
+    latest = {r.cell: r for r in outcome.run_data.latest()}
+    assert set(latest) == set(where) and all(r.ok for r in latest.values())
+    assert {cid: r.host for cid, r in latest.items()} == where
+    assert set(where.values()) == {"lab1", "lab2"}
+    meta = RunStore(outcome.run_dir).read_meta()
+    assert [s["host"] for s in meta.extra["sessions"]] == ["lab1", "lab2"]
+    assert set(meta.extra["lab_sessions"]) == {"lab1", "lab2"}
+    assert len(lab.host_boots) == 2 and lab.host_destroys == 2  # each runner booted and tore down its own host
+    assert outcome.stopped is None
