@@ -155,6 +155,10 @@ def run(
         chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         last: deque[str] = deque(maxlen=max(1, tail))
         lock = threading.Lock()
+        # on_line runs in a pump thread: what it raises (a Ctrl-C delivered
+        # through a progress callback, a parser's error) is carried back to
+        # the caller's thread, after the process group has been ended.
+        raised: list[BaseException] = []
 
         def pump(name: str, stream: IO[bytes]) -> None:
             for raw in iter(stream.readline, b""):
@@ -164,8 +168,12 @@ def run(
                     last.append(line)
                     if logf is not None:
                         logf.write(raw if raw.endswith(b"\n") else raw + b"\n")
-                if on_line is not None:
-                    on_line(line)
+                if on_line is not None and not raised:
+                    try:
+                        on_line(line)
+                    except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                        raised.append(exc)
+                        end(proc, grace)
             stream.close()
 
         threads = []
@@ -195,6 +203,8 @@ def run(
             raise
         for th in threads:
             th.join(timeout=10)
+        if raised:
+            raise raised[0]
         rc = 124 if timed_out else proc.returncode
         if timed_out and logf is not None:
             logf.write(f"# killed after {timeout:g} s\n".encode())

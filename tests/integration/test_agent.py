@@ -39,7 +39,7 @@ def test_tap_create_counters_delete_inside_namespace(ns):
     rc, out = agent("tap-create", "--name", "vhlag0", "--txqueuelen", "1", "--vnet-hdr", "--address",
                     "10.213.90.1/24", ns=ns)
     assert rc == 0, out
-    assert out["tap"] == {"name": "vhlag0", "txqueuelen": 1, "vnet_hdr": True, "multi_queue": False,
+    assert out == {"name": "vhlag0", "txqueuelen": 1, "vnet_hdr": True, "multi_queue": False,
                           "owner": None, "netns": None, "address": "10.213.90.1/24"}
     (link,) = ip_json(ns, "-d", "link", "show", "vhlag0")
     assert link["txqlen"] == 1 and link["linkinfo"]["info_data"]["vnet_hdr"] is True
@@ -68,11 +68,11 @@ def test_tap_create_counters_delete_inside_namespace(ns):
 def test_global_netns_option(ns):
     rc, out = agent("--netns", ns, "tap-create", "--name", "vhlag1", "--no-vnet-hdr")
     assert rc == 0, out
-    assert out["tap"]["netns"] == ns and out["tap"]["vnet_hdr"] is False
+    assert out["netns"] == ns and out["vnet_hdr"] is False
     rc, out = agent("--netns", ns, "tcp-counters")
     assert rc == 0 and out == {"retrans_segs": 0, "out_segs": 0}  # a fresh namespace
     rc, out = agent("--netns", ns, "netem", "--dev", "vhlag1", "--clear")
-    assert rc == 0 and out["netem"] is None and out["qdisc"]["kind"]
+    assert rc == 0 and out["kind"] and out["kind"] != "netem"  # the root qdisc left after clearing
     rc, out = agent("--netns", ns, "tap-delete", "--name", "vhlag1")
     assert (rc, out["deleted"]) == (0, True)
 
@@ -83,8 +83,7 @@ def test_netem_verb(ns):
     if rc == 1:  # this machine: no sch_netem; the lab hosts have it
         assert out["type"] == "MissingPiece" and "netem" in out["error"]
     else:
-        assert out["netem"] == {"delay_ms": 60.0, "limit": 100000, "jitter_ms": 0.0}
-        assert out["qdisc"]["kind"] == "netem"
+        assert rc == 0 and out["kind"] == "netem"  # the root qdisc read back
 
 
 @pytest.mark.parametrize(
@@ -114,17 +113,15 @@ def test_stream_verb_measures_counters_and_backlog():
     assert rc == 0, out
     assert out["argv"][:3] == ["iperf3", "-c", link.addr_b] and "-J" in out["argv"]
     assert out["iperf3"]["throughput_mbps"] > 0
-    assert out["counters"]["delta"]["tap"]["tx_packets"] > 0  # the veth carried the stream
+    assert out["dev"] == link.dev_a
+    assert out["delta"]["tap"]["tx_packets"] > 0  # the veth carried the stream
+    assert out["after"]["tap"]["tx_packets"] - out["before"]["tap"]["tx_packets"] == out["delta"]["tap"]["tx_packets"]
     assert out["backlog_peak"]["samples"] >= 2 and out["backlog_peak"]["error"] is None
-    assert out["tcp"]["delta"]["out_segs"] > 0
-    fields = out["fields"]
-    assert set(fields) == {
-        "throughput_mbps", "retransmits", "host_retrans_segs", "tcp_out_segs", "tap_tx_dropped", "tap_tx_packets",
-        "qdisc_drops", "qdisc_requeues", "qdisc_overlimits", "qdisc_backlog_peak", "measured_rtt_ms",
-        "cpu_sender_pct", "cpu_receiver_pct",
-    }
-    assert fields["tcp_out_segs"] == out["tcp"]["delta"]["out_segs"]
-    assert isinstance(fields["retransmits"], int)
+    assert out["tcp"]["out_segs"] > 0  # the namespace's TCP counters over the run
+    assert isinstance(out["iperf3"]["retransmits"], int)
+    assert out["qdiscs"] and out["qdiscs"][0]["kind"]
+    # Either the kernel counts drops by reason, or the reply says why not.
+    assert (out["drops"] is None) == (out["drops_error"] is not None)
 
 
 @needs_iperf3

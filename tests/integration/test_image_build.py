@@ -127,7 +127,7 @@ def test_second_build_is_a_cache_hit(built) -> None:
     img, kp, workdir, _ = built
     steps = []
     t0 = time.monotonic()
-    again = build_image(RECIPE, workdir, kp.public_key_text(), progress=lambda s, f: steps.append(s))
+    again = build_image(RECIPE, workdir, kp.public_key_text(), progress=lambda step: steps.append(step.action))
     assert time.monotonic() - t0 < 10
     assert again.path == img.path and again.key == img.key
     assert steps == ["cached"]
@@ -194,8 +194,8 @@ def test_interrupted_build_leaves_nothing(tmp_path: Path) -> None:
     kp = ensure_keypair(tmp_path, "vhltst")
     workdir = tmp_path / "wd"
 
-    def progress(step: str, fraction: float | None) -> None:
-        if "installing" in step:  # mid-bootstrap: dpkg running inside the chroot
+    def progress(step) -> None:
+        if "installing" in step.action:  # mid-bootstrap: dpkg running inside the chroot
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

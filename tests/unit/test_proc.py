@@ -155,3 +155,15 @@ def test_pids_named_finds_this_process() -> None:
     me = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
     assert os.getpid() in proc.pids_named(me)
     assert proc.pids_named("no-such-comm-x") == []
+
+
+def test_what_on_line_raises_reaches_the_caller_and_ends_the_process() -> None:
+    # A progress callback runs in a pump thread; a Ctrl-C it raises must not be lost there.
+    def stop(line: str) -> None:
+        if line == "go":
+            raise KeyboardInterrupt
+
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        proc.run([PY, "-c", "import time; print('go', flush=True); time.sleep(60)"], timeout=120, on_line=stop)
+    assert time.monotonic() - t0 < 30  # the sleeper was ended, not waited for
