@@ -644,9 +644,9 @@ def as_nobody(tmp_path):
         subprocess.run(["chown", "-R", "nobody:nogroup", str(home)], check=True, timeout=30)
         os.chmod(home, 0o755)
 
-        def run(args: list[str], env: list[str] = ()) -> subprocess.CompletedProcess:
+        def run(args: list[str], env: list[str] = (), prefix: list[str] = ()) -> subprocess.CompletedProcess:
             argv = base[:5] + [f"HOME={home}", *env] + base[5:] + ["-m", "lab.cli", "-c", str(cfg), *args]
-            return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=home)
+            return subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=120, cwd=home)
 
         yield run, home, cfg
     finally:
@@ -667,17 +667,24 @@ def test_non_root_user_is_told_to_run_as_root(as_nobody):
 
 
 @pytest.mark.parametrize("daemon", ["virtlogd", "libvirtd"])
-def test_daemon_not_running_as_non_root_names_the_command(as_nobody, tmp_path, daemon):
+def test_daemon_not_running_as_non_root_names_the_command(as_nobody, daemon):
     """libvirtd (or virtlogd) not running, non-root: MissingPiece naming `<daemon> -d`.
 
-    The daemons do run on this shared machine (and must stay up), so "not
-    running" is what a pgrep on PATH reports: the rest is the real code."""
+    The daemons do run on this shared machine (and must stay up), so the CLI
+    runs in a PID namespace of its own (its /proc shows no daemon), with a
+    stand-in process named after the daemon that is "running" (virtlogd, when
+    libvirtd is the one missing): the lab's check reads /proc, the rest is the
+    real code."""
     run, home, cfg = as_nobody
-    fake = home / "bin"
-    fake.mkdir()
-    (fake / "pgrep").write_text(f'#!/bin/sh\nfor a; do [ "$a" = "{daemon}" ] && exit 1; done\nexec /usr/bin/pgrep "$@"\n')
-    (fake / "pgrep").chmod(0o755)
-    p = run(["down"], env=[f"PATH={fake}:/usr/bin:/bin:/usr/sbin:/sbin"])
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare(1) on this machine")
+    stand_in = ""
+    if daemon == "libvirtd":
+        stand_in = str(home / "virtlogd")
+        shutil.copy("/bin/sleep", stand_in)
+    script = '[ -n "$1" ] && "$1" 120 & shift; exec "$@"'
+    p = run(["down"], prefix=[unshare, "--pid", "--fork", "--mount-proc", "sh", "-c", script, "sh", stand_in])
     lines = p.stderr.splitlines()
     assert p.returncode == 2 and len(lines) == 1, p.stderr
     assert f"{daemon} is not running" in lines[0] and f"{daemon} -d" in lines[0], lines[0]
