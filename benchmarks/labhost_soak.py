@@ -45,6 +45,7 @@ def main() -> int:
     from lab.config import load_config
     from lab.guests import boot_guest
     from lab.hosts.nested import destroy_host
+    from lab.onhost.traffic import Iperf3Run
     from lab.session import LabContext, guest_plan, up_host
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,12 +86,8 @@ def main() -> int:
                 rec["guest_boot_s"] = round(time.monotonic() - t1, 1)
                 if args.stream_s:
                     stage = "stream"
-                    reply = host.agent(
-                        ["stream", "--server", guest.plan.guest_ip, "--duration", str(args.stream_s),
-                         "--sample-dev", guest.plan.tap, "--timeout", str(args.stream_s + 60)],
-                        timeout=args.stream_s + 90,
-                    )
-                    rec["mbps"] = reply["fields"]["throughput_mbps"]
+                    run = Iperf3Run(server=guest.plan.guest_ip, duration_s=args.stream_s)
+                    rec["mbps"] = host.agent.stream(run, guest.plan.tap).iperf3.throughput_mbps
                 stage = "done"
             except Exception as exc:
                 rec["error"] = f"{stage}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
