@@ -74,6 +74,7 @@ def up(ctx: LabContext, names: list[str], progress: Progress = quiet, keep_on_er
                 running.append(session.adopt_guest(plan) or session.guest(plan))
     except BaseException:
         for session in reversed(sessions if not keep_on_error else []):
+            progress(Step(session.spec.name, "cleaning up what this command started"))
             try:
                 session.close()
             except Exception as e:
