@@ -171,7 +171,7 @@ def run(
                 if on_line is not None and not raised:
                     try:
                         on_line(line)
-                    except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                    except BaseException as exc:
                         raised.append(exc)
                         end(proc, grace)
             stream.close()
