@@ -463,16 +463,8 @@ class _Builder:
         """Fail before the download if something the build will need is absent."""
         plan = self.plan
         assert plan.release and plan.debian_version and plan.source_tarball and plan.headers_dir
-        tools = ["dpkg-deb", "depmod", "modinfo"]
-        if plan.patches:
-            tools += ["tar", "xz", "patch", "make", "gcc", "strip"]
-        for tool in tools:
-            if shutil.which(tool) is None:
-                raise MissingPiece(f"{tool} is not installed", hint="apt-get install build-essential kmod xz-utils patch")
-        if not plan.patches:
-            return
-        # Only what the four modules are built from may change: anything else a
-        # patch touches would not make it into the running kernel.
+        # A patch that touches more than the four modules is refused first: no
+        # tool installed or missing would make that build meaningful.
         for patch in plan.patches:
             existing, created = touched_paths(patch)
             outside = sorted((existing | created) - set(MODULE_BUILD_FILES))
@@ -482,6 +474,14 @@ class _Builder:
                     f"does not rebuild (only {', '.join(LAB_MODULES)} are)",
                     hint=f'set kernels.{self.recipe.name}.strategy = "full"',
                 )
+        tools = ["dpkg-deb", "depmod", "modinfo"]
+        if plan.patches:
+            tools += ["tar", "xz", "patch", "make", "gcc", "strip"]
+        for tool in tools:
+            if shutil.which(tool) is None:
+                raise MissingPiece(f"{tool} is not installed", hint="apt-get install build-essential kmod xz-utils patch")
+        if not plan.patches:
+            return
         package = plan.source_tarball.name.removesuffix(".tar.xz")
         install = f"apt-get install {package} linux-headers-{plan.release}"
         if not plan.source_tarball.is_file():
