@@ -52,6 +52,14 @@ class HostCrashed(HostGone):
         self.console_log = console_log
 
 
+class AgentFailed(LabError):
+    """A lab agent verb replied with an error; `kind` is the error's type on the host (e.g. "Iperf3Timeout")."""
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 class CommandFailed(LabError):
     """A command on a host exited non-zero."""
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lab import proc
-from lab.errors import HostGone, LabError, MissingPiece
+from lab.errors import AgentFailed, HostGone, LabError, MissingPiece
 from lab.hosts.agent_client import AgentClient
 from lab.hosts.remote import ABORT_GRACE_S, CommandResult, SshEndpoint, SshRunner, quote_argv, ssh_escape
 
@@ -217,7 +217,7 @@ class Host:
                 raise HostGone(f"lab host {self.name} does not answer ({type(e).__name__}: {e})") from None
             raise LabError(f"{self.name}: lab agent {args[0]}: {type(e).__name__}: {e}") from None
         if "error" in data:
-            raise LabError(f"{self.name}: lab agent {args[0]}: {data['error']}")
+            raise AgentFailed(f"{self.name}: lab agent {args[0]}: {data['error']}", kind=data.get("type"))
         return data
 
     def _answers(self) -> bool:

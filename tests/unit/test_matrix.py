@@ -577,6 +577,37 @@ def test_a_host_crash_is_recorded_and_the_cell_retried_on_a_new_host(lab, tmp_pa
     assert all(r.run_cell(c).ok for c in cells[2:])  # the run goes on
 
 
+def test_a_stalled_iperf3_is_run_again_on_the_same_host_and_only_so_often(lab, tmp_path):
+    from lab.errors import AgentFailed
+
+    r = runner_for(tmp_path, retries=1)
+    cells = r.plan()
+    assert r.run_cell(cells[0]).ok
+    stalls: list[str] = []
+
+    def stall(host, run, dev, times):
+        if dev is not None and len(stalls) < times:
+            stalls.append(run.server)
+            raise AgentFailed("lab1: lab agent stream: iperf3 to 10.99.1.2:5201 did not finish within 70 s; killed",
+                              kind="Iperf3Timeout")
+        return None
+
+    lab.on_stream = lambda host, run, dev: stall(host, run, dev, 1)
+    res = r.run_cell(cells[1])
+    assert res.ok and res.attempts == 2 and not res.host_crashes
+    assert lab.host_boots == ["stock"], "a stalled stream is not a host crash: no reboot"
+    assert r.timing.retries == 1 and r.timing.host_crashes == 0
+
+    stalls.clear()
+    lab.on_stream = lambda host, run, dev: stall(host, run, dev, 5)
+    res = r.run_cell(cells[2])
+    assert res.status == "error" and res.attempts == 2 and "did not finish" in res.error  # retries = 1
+    # another agent error is not retried
+    lab.on_stream = lambda host, run, dev: (_ for _ in ()).throw(AgentFailed("lab1: lab agent stream: bad", kind="Iperf3Error")) if dev else None
+    res = r.run_cell(cells[3])
+    assert res.status == "error" and res.attempts == 1
+
+
 def test_a_cell_that_crashes_its_host_every_time_is_an_error_after_its_retries(lab, tmp_path):
     r = runner_for(tmp_path, retries=1, max_host_crashes=5)
     console = r.ctx.paths.host_console("lab1")
