@@ -224,8 +224,13 @@ def paused_guest(runner: ScenarioRunner, host: Any) -> tuple[str, str, dict[str,
         # (a Python on a TCG lab host) would otherwise take the CPU from the
         # stream (stock measured 39 % that way), which is not what is asked.
         t.join(SENDER_SETTLE_S)
-        rate1 = host.agent.stream(run, g2.plan.tap, sample_ms=0).iperf3.throughput_mbps or 0.0
+        # Two streams while paused, the better one counts: a burst of load from
+        # elsewhere on this shared machine hits one of them (nodrop-optin, stock
+        # in this respect, read 15 % once that way); a tap stuck by the patch
+        # would slow both.
+        during = [host.agent.stream(run, g2.plan.tap, sample_ms=0).iperf3.throughput_mbps or 0.0 for _ in range(2)]
         t.join(120)
+    rate2 = host.agent.stream(run, g2.plan.tap, sample_ms=0).iperf3.throughput_mbps or 0.0
     rep = box[0] if box else {"error": "the sender never came back"}
     if isinstance(rep, BaseException):
         raise rep
@@ -233,12 +238,15 @@ def paused_guest(runner: ScenarioRunner, host: Any) -> tuple[str, str, dict[str,
         raise LabError(f"udp-send: {rep['error']}")
     blocked = bool(rep.get("blocked"))
     seconds = float(rep.get("seconds") or 0)
-    keep = rate1 / rate0 if rate0 else 0.0
+    # the rate it keeps: against the mean of before and after (the machine drifts)
+    rate1, base = max(during), (rate0 + rate2) / 2
+    keep = rate1 / base if base else 0.0
     numbers = {"sender_sent": rep.get("sent"), "sender_blocked": blocked, "sender_seconds": seconds, "other_mbps_before": rate0,
-               "other_mbps_during": rate1, "other_kept": round(keep, 3)}
+               "other_mbps_during": during, "other_mbps_after": rate2, "other_kept": round(keep, 3)}
     ok = not blocked and seconds <= SENDER_BOUND_S and keep >= KEEP_RATE
     detail = (f"blocking sender to the paused guest: {rep.get('sent')}/5000 sent in {seconds:.1f}s"
-              f"{' and then BLOCKED' if blocked else ''}; the other guest {rate0:.0f} -> {rate1:.0f} Mbit/s ({keep:.0%})")
+              f"{' and then BLOCKED' if blocked else ''}; the other guest {rate0:.0f} -> {rate1:.0f} -> {rate2:.0f} Mbit/s "
+              f"(before, paused, after: {keep:.0%} kept)")
     return (PASS if ok else FAIL), detail, numbers
 
 
