@@ -836,10 +836,11 @@ def evaluate_run(data: RunData, cfg: LabConfig) -> list[expect.Property]:
 
     exp = cfg.expectations
     baseline = str(data.meta.extra.get("baseline") or exp.stock_kernel)
-    if data.meta.extra.get("aa"):
+    aa = bool(data.meta.extra.get("aa"))
+    if aa:
         # an A/A control: the "patched" arm is the baseline's copy
         exp = dataclasses.replace(exp, stock_kernel=baseline, nodrop_kernel=f"{baseline}-aa")
-    return evaluate(data.summaries(), exp, data.host_accel(), salt=data.meta.run_id)
+    return evaluate(data.summaries(), exp, data.host_accel(), salt=data.meta.run_id, aa=aa)
 
 
 def finish_run(runner: MatrixRunner, session_started: float, session_started_at: str, stopped: str | None = None) -> MatrixOutcome:

@@ -21,6 +21,7 @@ by the tap's tx_dropped otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -343,9 +344,13 @@ def backends_in_order(summaries: Iterable[CellSummary]) -> list[str]:
 
 
 def evaluate(
-    summaries: Iterable[CellSummary], expectations: ExpectationsLike, host_accel: str | None, salt: str = ""
+    summaries: Iterable[CellSummary], expectations: ExpectationsLike, host_accel: str | None, salt: str = "", aa: bool = False
 ) -> list[Property]:
     """Evaluate every property for every backend present in `summaries`.
+
+    `aa`: an A/A control (the other arm is a copy of the baseline): what only a
+    patched kernel can show (no ring drops, holding at txqueuelen 1, few
+    retransmits) is n/a; the comparisons are what an A/A run is for.
 
     `host_accel` is the lab host's accelerator ("kvm" | "tcg" | None = unknown);
     under TCG the absolute-throughput property is not applicable. `salt` seeds
@@ -373,6 +378,11 @@ def evaluate(
         props.append(_ci_property("delay-nodrop-vs-stock", idx, exp, delayed, exp.delay_min_ratio, salt))
         if backend == "vhost":
             props.append(_absolute(idx, exp, host_accel))
+    if aa:
+        patched_only = {"nodrop-no-ring-drops", "nodrop-holds-qlen1", "nodrop-retrans-low"}
+        why = f"an A/A control: {nodrop} is a copy of {stock}, not a patched kernel"
+        props = [dataclasses.replace(p, verdict=NA, detail=why) if p.name.split("/", 1)[-1] in patched_only else p
+                 for p in props]
     return props
 
 

@@ -197,3 +197,18 @@ def test_fmt_mbps(value, text):
                                         (0.0000299, "0.00003"), (None, "-"), (float("inf"), "inf"), (0, "0")])
 def test_fmt_ratio(value, text):
     assert fmt_ratio(value) == text
+
+
+def test_an_aa_control_judges_comparisons_only():
+    from dataclasses import replace
+
+    # the "other" arm is stock itself: it drops at txqueuelen 1, as stock does
+    rs = [replace(r, kernel="stock-aa") if r.kernel == "nodrop" else r for r in rep(backends=("tap",))]
+    exp = replace(EXP, nodrop_kernel="stock-aa")
+    props = {p.name: p for p in evaluate(aggregate(rs), exp, "kvm", salt="t", aa=True)}
+    for name in ("tap/nodrop-no-ring-drops", "tap/nodrop-holds-qlen1", "tap/nodrop-retrans-low"):
+        assert props[name].verdict == NA and "A/A" in props[name].detail
+    assert props["tap/nodrop-no-regression"].verdict != NA  # the comparison is what an A/A run is for
+    assert props["tap/stock-collapses-qlen1"].verdict == PASS
+    without = {p.name: p for p in evaluate(aggregate(rs), exp, "kvm", salt="t")}
+    assert without["tap/nodrop-holds-qlen1"].verdict != NA
