@@ -189,3 +189,25 @@ NASTY = [
 nasty = st.sampled_from(NASTY)
 hostile = st.one_of(nasty, st.text(max_size=30), st.lists(nasty, min_size=1, max_size=4).map("".join))
 CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def fake_ko(path, build_id: bytes):
+    """A minimal ELF64 .ko (xz-compressed as the kernel's are, when `path` ends in .xz) whose only
+    SHT_NOTE section holds a GNU build-id: what lab.onhost.probe.module_file_build_id reads."""
+    import lzma
+    import struct
+
+    namez = b"GNU\0"
+    pad = b"\0" * ((4 - len(build_id) % 4) % 4)
+    note = struct.pack("<III", len(namez), len(build_id), 3) + namez + build_id + pad
+    header = bytearray(64)
+    header[:5] = b"\x7fELF\x02"
+    struct.pack_into("<Q", header, 0x28, 64 + len(note))  # e_shoff: the section headers follow the note
+    struct.pack_into("<HH", header, 0x3A, 64, 2)  # e_shentsize, e_shnum (a null section, then the note)
+    sh = bytearray(64)
+    struct.pack_into("<I", sh, 4, 7)  # SHT_NOTE
+    struct.pack_into("<QQ", sh, 0x18, 64, len(note))  # sh_offset, sh_size
+    data = bytes(header) + note + bytes(64) + bytes(sh)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(lzma.compress(data, check=lzma.CHECK_CRC32) if path.name.endswith(".xz") else data)
+    return path

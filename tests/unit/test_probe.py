@@ -18,6 +18,7 @@ import pytest
 from lab.hosts.nested import artifact_build_ids
 from lab.onhost import probe
 from lab.onhost.probe import LAB_MODULES, KernelFacts, build_id_from_notes, module_file_build_id, probe_kernel
+from tests.helpers import fake_ko
 
 REPO = Path(__file__).resolve().parents[2]
 RELEASE = "6.12.117+deb12-amd64"
@@ -139,23 +140,9 @@ def test_module_build_id_of_elf_without_notes(tmp_path: Path) -> None:
 
 
 def test_module_build_id_of_handmade_elf(tmp_path: Path) -> None:
-    """A minimal ELF64 whose only SHT_NOTE section holds a GNU build-id."""
-    notes = note(b"GNU", 3, BID)
-    shoff = 64 + len(notes)
-    header = bytearray(64)
-    header[:5] = b"\x7fELF\x02"
-    struct.pack_into("<Q", header, 0x28, shoff)
-    struct.pack_into("<HH", header, 0x3A, 64, 2)
-    null = bytearray(64)
-    sh = bytearray(64)
-    struct.pack_into("<I", sh, 4, 7)  # SHT_NOTE
-    struct.pack_into("<QQ", sh, 0x18, 64, len(notes))
-    path = tmp_path / "made.ko"
-    path.write_bytes(bytes(header) + notes + bytes(null) + bytes(sh))
-    assert module_file_build_id(path) == BID.hex()
-    xz = tmp_path / "made.ko.xz"
-    xz.write_bytes(lzma.compress(path.read_bytes(), check=lzma.CHECK_CRC32))
-    assert module_file_build_id(xz) == BID.hex()
+    """A minimal ELF64 whose only SHT_NOTE section holds a GNU build-id, plain and xz-compressed."""
+    assert module_file_build_id(fake_ko(tmp_path / "made.ko", BID)) == BID.hex()
+    assert module_file_build_id(fake_ko(tmp_path / "made.ko.xz", BID)) == BID.hex()
 
 
 # --------------------------------------------------------------------------

@@ -5,11 +5,9 @@ across processes."""
 from __future__ import annotations
 
 import json
-import lzma
 import multiprocessing
 import os
 import re
-import struct
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from lab.hosts.host import SshHost
 from lab.measure.cells import Arm, assign_hosts, expand, schedule
 from lab.onhost.modules import outside_deps
 from lab.verdicts.results import CellResult, RunMeta, RunStore
+from tests.helpers import fake_ko
 from tests.unit import test_config
 from tests.unit.test_cells import matrix
 from tests.unit.test_config import MEM, assert_error, base_lab, changed, error, load
@@ -180,24 +179,6 @@ def test_aa_arms_share_their_host() -> None:
 # --------------------------------------------------------------------------- the module push plan
 
 
-def _fake_ko(path: Path, build_id: bytes) -> None:
-    """A minimal ELF64 .ko with one SHT_NOTE section holding a GNU build-id (what module_file_build_id reads)."""
-    name = b"GNU\0"
-    note = struct.pack("<III", len(name), len(build_id), 3) + name + build_id
-    shoff = 64 + len(note)
-    header = bytearray(64)
-    header[:5] = b"\x7fELF\x02"
-    struct.pack_into("<Q", header, 0x28, shoff)
-    struct.pack_into("<HH", header, 0x3A, 64, 2)
-    null = bytes(64)
-    sh = bytearray(64)
-    struct.pack_into("<I", sh, 4, 7)
-    struct.pack_into("<QQ", sh, 0x18, 64, len(note))
-    data = bytes(header) + note + null + bytes(sh)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(lzma.compress(data) if path.name.endswith(".xz") else data)
-
-
 def _artifact_tree(root: Path) -> Path:
     moddir = root / "lib" / "modules" / "6.12.117+deb12-amd64"
     files = {
@@ -209,7 +190,7 @@ def _artifact_tree(root: Path) -> Path:
         "kernel/drivers/net/macvtap.ko.xz": b"\x06" * 20,
     }
     for rel, bid in files.items():
-        _fake_ko(moddir / rel, bid)
+        fake_ko(moddir / rel, bid)
     (moddir / "modules.dep").write_text(
         "kernel/drivers/net/macvtap.ko.xz: kernel/drivers/net/macvlan.ko.xz kernel/drivers/net/tap.ko.xz\n"
         "kernel/drivers/net/tun.ko.xz:\n"
