@@ -11,15 +11,31 @@ dev_queue_xmit(), i.e. through the tap's root qdisc: that is the path the
 nodrop patch changes (pktgen's default mode would call the driver directly).
 UDP to port 9 (discard) of the guest, fixed size; what the guest received is
 counted in the guest (its NIC's rx_packets), not here.
+
+Without a guest, as root on a lab host (or any kernel with CONFIG_NET_PKTGEN):
+
+    python3 -m lab.onhost.pktgen --tap vhlpg0 --threads 2 --count 20000 --txqueuelen 1 --json
+
+creates a tap in a network namespace of its own (this process holds the fd
+and reads it, so the tap has a carrier and a consumer), points pktgen at it
+and counts what arrived against what pktgen sent and what the tap, the qdisc
+and the kernel's drop reasons say was lost. The tap and namespace go after.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
+import os
+import platform
 import re
+import select
+import struct
+import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lab import proc
@@ -205,3 +221,129 @@ def measure_pktgen(run: PktgenRun, root: Path = PKTGEN) -> PktgenMeasurement:
     with DropCounter() as counter:
         result = run_pktgen(run, root)
     return PktgenMeasurement(result, delta(before, read_counters(run.dev)), counter.counts, counter.error)
+
+
+# pktgen's own header right after the UDP header (struct pktgen_hdr: magic,
+# seq_num, tv_sec, tv_usec), which tells its frames from anything else on a tap.
+PKTGEN_MAGIC = 0xBE9BE955
+_ETH_P_IP = 0x0800
+_IPPROTO_UDP = 17
+
+
+def is_pktgen_frame(frame: bytes, port: int = 9) -> bool:
+    """True for an Ethernet frame pktgen sent: IPv4, UDP to `port`, pktgen's magic first in the payload."""
+    if len(frame) < 14 + 20 + 8 + 4 or struct.unpack_from("!H", frame, 12)[0] != _ETH_P_IP:
+        return False
+    ihl = frame[14] & 0x0F
+    if frame[14] >> 4 != 4 or frame[14 + 9] != _IPPROTO_UDP:
+        return False
+    udp = 14 + ihl * 4
+    if len(frame) < udp + 12 or struct.unpack_from("!H", frame, udp + 2)[0] != port:
+        return False
+    return struct.unpack_from("!I", frame, udp + 8)[0] == PKTGEN_MAGIC
+
+
+@dataclass(frozen=True)
+class TapSinkResult:
+    """pktgen into a tap this process reads: what was sent, what arrived, and where the rest went."""
+
+    kernel_release: str
+    tap: str
+    txqueuelen: int
+    qdisc: str
+    threads: int
+    count: int
+    sent: int  # pktgen's pkts-sofar over all senders
+    errors: int  # pktgen's errors (a qdisc that refused the packet, for one)
+    received: int  # pktgen frames the reader took off the tap
+    other_frames: int
+    pps: float
+    senders_ok: bool  # every sender reported "Result: OK"
+    stopped: bool
+    tap_tx_dropped: int  # the tap's ring: the tail drop nodrop removes
+    qdisc_drops: int
+    qdisc_requeues: int
+    drops: dict[str, int] | None  # the kernel's drops by reason during the run (None: not countable)
+    drops_error: str | None
+
+
+def _drain(fd: int, stop: threading.Event, counts: list[int], port: int) -> None:
+    # counts = [pktgen frames, other frames]; reads until told to stop and the fd is empty
+    while True:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if not ready:
+            if stop.is_set():
+                return
+            continue
+        try:
+            frame = os.read(fd, 65536)
+        except BlockingIOError:
+            continue
+        counts[0 if is_pktgen_frame(frame, port) else 1] += 1
+
+
+def pktgen_into_tap(
+    tap: str = "vhlpg0", *, threads: int = 1, count: int = 20000, txqueuelen: int = 1000, qdisc: str = "pfifo_fast",
+    timeout_s: float = 120.0, netns: str | None = None,
+) -> TapSinkResult:
+    """Run pktgen (queue_xmit, UDP) into a tap this process reads, in a namespace of its own; clean up after."""
+    from lab.onhost import net
+    from lab.onhost.droptest import PEER_MAC, DropTestOptions, in_netns, open_tap, setup_link
+
+    if os.geteuid() != 0:
+        raise LabError("pktgen into a tap needs root (it creates a tap, a namespace and pktgen devices)")
+    opts = DropTestOptions(tap=tap, txqueuelen=txqueuelen, qdisc=qdisc, netns=netns)
+    run = PktgenRun(dev=tap, dst_ip=opts.peer, dst_mac=PEER_MAC, threads=threads, count=count, timeout_s=timeout_s)
+    # pktgen is per network namespace (/proc/net/pktgen follows this thread's), so
+    # the namespace is entered before pktgen or any reader thread is touched.
+    with in_netns(netns), open_tap(tap) as fd:
+        setup_link(opts)
+        stop = threading.Event()
+        counts = [0, 0]
+        reader = threading.Thread(target=_drain, args=(fd, stop, counts, run.udp_port), daemon=True)
+        reader.start()
+        try:
+            m = measure_pktgen(run)
+        finally:
+            time.sleep(0.5)  # what is still in the ring or the qdisc reaches the reader
+            stop.set()
+            reader.join(10)
+        kind = net.read_qdisc(tap).kind
+    r = m.result
+    return TapSinkResult(
+        kernel_release=platform.release(), tap=tap, txqueuelen=txqueuelen, qdisc=kind, threads=threads, count=count,
+        sent=r.sent, errors=r.errors, received=counts[0], other_frames=counts[1], pps=r.pps,
+        senders_ok=bool(r.senders) and all(s.ok for s in r.senders), stopped=r.stopped,
+        tap_tx_dropped=m.delta.tap.tx_dropped, qdisc_drops=m.delta.qdisc.drops, qdisc_requeues=m.delta.qdisc.requeues,
+        drops=m.drops, drops_error=m.drops_error,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python3 -m lab.onhost.pktgen`: pktgen into a tap of its own; exit 0 on a run, 1 on an error."""
+    p = argparse.ArgumentParser(prog="python3 -m lab.onhost.pktgen", description="pktgen into a tap this process reads")
+    p.add_argument("--tap", default="vhlpg0")
+    p.add_argument("--threads", type=int, default=1, help="pktgen senders (spread over its kernel threads)")
+    p.add_argument("--count", type=int, default=20000, help="packets per sender")
+    p.add_argument("--txqueuelen", type=int, default=1000, help="tap txqueuelen = ring slots")
+    p.add_argument("--qdisc", default="pfifo_fast", help='root qdisc, e.g. "pfifo_fast", "fq_codel", "noqueue"')
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        r = pktgen_into_tap(a.tap, threads=a.threads, count=a.count, txqueuelen=a.txqueuelen, qdisc=a.qdisc,
+                            timeout_s=a.timeout)  # fmt: skip
+    except (LabError, ValueError, OSError) as e:
+        print(json.dumps({"error": str(e)}) if a.json else f"pktgen: {e}", file=sys.stdout if a.json else sys.stderr)
+        return 1
+    if a.json:
+        print(json.dumps(asdict(r), sort_keys=True))
+    else:
+        print(f"{r.kernel_release}: {r.threads} sender(s) x {r.count} into {r.tap} (txqueuelen {r.txqueuelen}, {r.qdisc}): "
+              f"sent {r.sent} errors {r.errors} received {r.received} ({r.pps:.0f} pps); tap tx_dropped {r.tap_tx_dropped}, "
+              f"qdisc drops {r.qdisc_drops} requeues {r.qdisc_requeues}; drops by reason {r.drops}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

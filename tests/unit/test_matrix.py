@@ -169,11 +169,13 @@ def test_cell_result_from_pktgen_counts_loss_in_the_guest():
     c = cell(kind="pktgen", threads=4, qdisc="noqueue", txqueuelen=1000)
     res = PktgenResult(threads=4, kernel_threads=2, sent=200_000, errors=3, seconds=2.0, pps=100_000.0)
     m = PktgenMeasurement(res, CountersDelta("t", 2.0, TapCounters(tx_packets=190_000, tx_dropped=10_000), QdiscCounters(drops=7)),
-                          {"FULL_RING": 10_000})
+                          {"NOT_SPECIFIED": 10_000})
     r = M.cell_result_from_pktgen(c, m, 1_000, 181_000, WHERE, started_at=None, finished_at=None)
     assert (r.pktgen_sent, r.pktgen_errors, r.pktgen_pps, r.guest_rx_packets, r.guest_rx_pps, r.pktgen_lost) == (
         200_000, 3, 100_000.0, 180_000, 90_000.0, 20_000)
+    # pktgen's skbs reach the drop tracepoint as NOT_SPECIFIED: ring drops are the tap's count
     assert r.ring_drops == 10_000 and r.qdisc_drops == 7 and r.value == 100_000.0
+    assert r.drop_reasons == {"NOT_SPECIFIED": 10_000}
     unknown = M.cell_result_from_pktgen(c, m, None, 5, WHERE, started_at=None, finished_at=None)
     assert unknown.pktgen_lost is None and unknown.ok
 
