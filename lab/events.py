@@ -111,7 +111,7 @@ class CellStarted:
 
 @dataclass(frozen=True)
 class CellFinished:
-    """A cell ended: status "ok"|"error", its throughput (Mbit/s, or pktgen kpps) and attempts."""
+    """A cell ended: status "ok"|"error", its throughput (Mbit/s, or pktgen kpps the guest received) and attempts."""
 
     cell: str
     status: str

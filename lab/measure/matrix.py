@@ -464,7 +464,7 @@ class MatrixRunner:
         if result.ok:
             self.timing.traffic_s += result.duration_s or 0.0
         self.store.append(result)
-        value, unit = (result.pktgen_pps, "pps") if cell.kind == "pktgen" else (result.throughput_mbps, "Mbit/s")
+        value, unit = (result.guest_rx_pps, "pps") if cell.kind == "pktgen" else (result.throughput_mbps, "Mbit/s")
         self.emit(CellFinished(cell.id, result.status, value, unit, result.attempts, round(time.monotonic() - t0, 1)))
         if not result.ok:
             self.emit(Step(cell.id, f"error: {result.error}", warning=True))

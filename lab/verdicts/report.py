@@ -204,7 +204,7 @@ def _build_tables(run: RunData, kernels: Sequence[str] | None, compare: RunData 
             if not points:
                 continue
             idx = {s.key: s for s in summaries if s.backend == backend}
-            unit = "Mbit/s" if kind == "iperf3" else "tx kpps"
+            unit = "Mbit/s" if kind == "iperf3" else "rx kpps"
             cols = [_Column("point", "cell", "cell", 0, left=True)]
             if several_hosts:
                 cols.append(_Column("host", "host", "host", 0, left=True))
@@ -527,7 +527,7 @@ def to_text(
     ks = _kernels(run_data, kernels)
     out: list[str] = []
     out += _wrap(f"vhost-lab run {m.run_id} (matrix {m.matrix}" + (f", profile {m.profile})" if m.profile else ")"), width)
-    out += _wrap(f"host -> guest, {' / '.join(ks)}; iperf3 TCP in Mbit/s, pktgen UDP in kpps", width)
+    out += _wrap(f"host -> guest, {' / '.join(ks)}; iperf3 TCP in Mbit/s, pktgen UDP in kpps the guest received", width)
     for bt in _build_tables(run_data, kernels, compare, ascii_only=True, rc=rc):
         out.append("")
         out += _wrap(bt.title, width)
@@ -573,7 +573,7 @@ def to_markdown(
     rc = rc or ReportContext()
     m = run_data.meta
     out = [f"# vhost-lab run `{m.run_id}`", "", f"Matrix `{m.matrix}`" + (f", profile `{m.profile}`" if m.profile else "")
-           + ". Host \u2192 guest: iperf3 TCP in Mbit/s, pktgen UDP in kpps.", ""]
+           + ". Host \u2192 guest: iperf3 TCP in Mbit/s, pktgen UDP in kpps the guest received.", ""]
     for bt in _build_tables(run_data, kernels, compare, ascii_only=False, rc=rc):
         out += [f"## {bt.title}", ""]
         out.append("| " + " | ".join(_md_escape(c.header) for c in bt.columns) + " |")

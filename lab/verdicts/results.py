@@ -161,8 +161,12 @@ class CellResult:
 
     @property
     def value(self) -> float | None:
-        """The number comparisons use: Mbit/s for iperf3, packets/s sent for pktgen."""
-        return self.pktgen_pps if self.kind == "pktgen" else self.throughput_mbps
+        """The number comparisons use: Mbit/s for iperf3, packets/s the guest received for pktgen.
+
+        Not pktgen's own rate: it counts what the stack took, so a stock ring
+        that tail-drops looks fast and a nodrop queue that holds back looks slow.
+        """
+        return self.guest_rx_pps if self.kind == "pktgen" else self.throughput_mbps
 
     @property
     def ok(self) -> bool:
@@ -346,8 +350,8 @@ class CellSummary:
 
     @property
     def value(self) -> Stat | None:
-        """What comparisons use: throughput (iperf3) or packets/s sent (pktgen)."""
-        return self.stats.get("pktgen_pps" if self.point.kind == "pktgen" else "throughput_mbps")
+        """What comparisons use: throughput (iperf3) or packets/s the guest received (pktgen; see CellResult.value)."""
+        return self.stats.get("guest_rx_pps" if self.point.kind == "pktgen" else "throughput_mbps")
 
     @property
     def label(self) -> str:

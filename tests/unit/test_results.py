@@ -286,3 +286,16 @@ def test_resolve_run(tmp_path):
 def test_resolve_latest_without_runs(tmp_path):
     with pytest.raises(LabError, match="no runs"):
         resolve_run(tmp_path, "latest")
+
+
+def test_pktgen_points_are_compared_by_what_the_guest_received():
+    # Stock offers more (its ring takes the packet, then tail-drops it); nodrop
+    # holds back. The comparison must see the guest's side: nodrop delivered more.
+    def pg(kernel: str, offered: float, received: float) -> CellResult:
+        return CellResult(cell=f"pktgen-vhost-qlen1-rtt0-T1-{kernel}", kernel=kernel, backend="vhost", txqueuelen=1, rtt_ms=0.0,
+                          kind="pktgen", threads=1, pktgen_pps=offered, guest_rx_pps=received)
+    stock, nodrop = pg("stock", 70_000.0, 9_000.0), pg("nodrop", 12_000.0, 12_000.0)
+    assert (stock.value, nodrop.value) == (9_000.0, 12_000.0)
+    s, n = aggregate([stock, nodrop])
+    assert s.value.median == 9_000.0 and n.value.median == 12_000.0
+    assert s.pktgen_pps.median == 70_000.0  # pktgen's own rate is still kept (results.jsonl)
