@@ -60,6 +60,13 @@ class AgentFailed(LabError):
         self.kind = kind
 
 
+class AgentTimeout(AgentFailed):
+    """A lab agent verb did not answer within its bound (the session is closed; the host may still be fine)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind="AgentTimeout")
+
+
 class CommandFailed(LabError):
     """A command on a host exited non-zero."""
 

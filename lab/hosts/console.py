@@ -20,6 +20,9 @@ CRASH = re.compile(
     r"|Unable to handle kernel|stack segment:|double fault:)"
 )
 HEAD_LINES = 40
+# Not crashes (a starved TCG vCPU can recover), but what a host that stopped
+# answering without an oops usually printed last.
+STALL = re.compile(r"(BUG: soft lockup|rcu: INFO: rcu_\w+ detected stalls|rcu: \w+ kthread starved|watchdog: BUG:)")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,14 @@ def find_oops(text: str) -> Oops | None:
                     if trace_lines > 8:
                         break
             return Oops(first=_strip(line)[:200], head="\n".join(head), rip=rip)
+    return None
+
+
+def find_stall(text: str) -> str | None:
+    """The first soft-lockup or RCU-stall line in a console's text (timestamp stripped), or None."""
+    for line in text.splitlines():
+        if STALL.search(line):
+            return _strip(line)[:200]
     return None
 
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lab import proc
-from lab.errors import AgentFailed, HostGone, LabError, MissingPiece
+from lab.errors import AgentFailed, AgentTimeout, HostGone, LabError, MissingPiece
 from lab.hosts.agent_client import AgentClient
 from lab.hosts.remote import ABORT_GRACE_S, CommandResult, SshEndpoint, SshRunner, quote_argv, ssh_escape
 
@@ -212,7 +212,7 @@ class Host:
             session.close()
             self._agent_session = None
             if isinstance(e, TimeoutError):
-                raise LabError(f"{self.name}: lab agent {args[0]} did not answer in {limit:.0f}s") from None
+                raise AgentTimeout(f"{self.name}: lab agent {args[0]} did not answer in {limit:.0f}s") from None
             if not self._answers():
                 raise HostGone(f"lab host {self.name} does not answer ({type(e).__name__}: {e})") from None
             raise LabError(f"{self.name}: lab agent {args[0]}: {type(e).__name__}: {e}") from None

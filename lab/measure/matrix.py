@@ -25,6 +25,7 @@ a fresh one), one that does gets its iperf3 server restarted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from lab.errors import AgentFailed, HostGone, LabError
 from lab.events import CellFinished, CellStarted, Emit, HostCrash, Step, quiet
 from lab.guests import RunningGuest, console_tail, guest_mac
+from lab.hosts.console import find_stall
 from lab.measure.cells import Arm, Cell, arms_of, assign_hosts, expand, schedule, swaps_and_boots
 from lab.onhost.drops import RING_REASON
 from lab.onhost.net import NetemDelay
@@ -69,7 +71,10 @@ log = logging.getLogger("lab.measure.matrix")
 GUEST_ACCEL = "kvm"  # guests always run with -accel kvm inside the lab host (lab.guests)
 GUEST_DEV = "eth0"  # the guest's NIC (images/guest-init.sh configures it)
 HEALTH_TIMEOUT_S = 20.0  # "does the guest still answer SSH?"
-RETRIED_AGENT_ERRORS = ("Iperf3Timeout",)  # agent errors a cell is run again for (up to `retries`)
+# Agent errors a cell is run again for (up to `retries`): an iperf3 that stalled
+# on a live connection, and a verb that did not answer in time (a starved lab
+# host; when it is dead instead, the retry's first call says so: HostGone).
+RETRIED_AGENT_ERRORS = ("Iperf3Timeout", "AgentTimeout")
 CONSOLE_TAIL_LINES = 200  # lines of a console copied into logs/<cell>.console.log
 MAX_BOOT_ATTEMPTS = 2  # per lab host kernel / per guest config, within one session, outside crashes
 OVERHEAD_FACTOR = 1.25  # target: wall <= 1.25 x traffic + boots (builds excluded)
@@ -497,6 +502,10 @@ class MatrixRunner:
         self.timing.host_crashes += 1
         entry = {"at": now_iso(), "oops": crash.oops, "console_log": crash.console_log, "stage": stage, "cell": cell.id,
                  "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+        if crash.oops is None and crash.console_log:
+            # no oops: a host starved under TCG (soft lockups, RCU stalls) says so instead
+            with contextlib.suppress(OSError):
+                entry["stall"] = find_stall(Path(crash.console_log).read_text(errors="replace"))
         self.meta = self.store.update_meta(lambda m: m.extra.setdefault("host_crashes", []).append({**entry, "head": crash.head}))
         self.emit(HostCrash(self.host_spec.name, entry["at"], crash.oops, crash.console_log))
         return entry

@@ -347,7 +347,8 @@ def _environment(run: RunData) -> list[tuple[str, str]]:
     if crashes or retried:
         env.append(("crashes", f"{len(crashes)} lab host crash(es), {retried} cell attempt(s) retried"))
         for c in crashes:
-            env.append(("crash", f"{c.get('at')}: {c.get('oops') or 'no crash report on the console'} (during {c.get('cell')}, "
+            said = c.get("oops") or (f"no oops; stalled: {c['stall']}" if c.get("stall") else "no crash report on the console")
+            env.append(("crash", f"{c.get('at')}: {said} (during {c.get('cell')}, "
                                  f"{c.get('stage')}; console {c.get('console_log')})"))
     seen = dict.fromkeys((r.kernel, r.kernel_recipe, r.kernel_release) for r in run.results if r.kernel_release)
     if seen and not m.hosts:

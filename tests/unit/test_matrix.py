@@ -580,6 +580,27 @@ def test_a_host_crash_is_recorded_and_the_cell_retried_on_a_new_host(lab, tmp_pa
     assert all(r.run_cell(c).ok for c in cells[2:])  # the run goes on
 
 
+def test_a_host_lost_without_an_oops_records_the_stall_it_printed(lab, tmp_path):
+    r = runner_for(tmp_path)
+    cells = r.plan()
+    assert r.run_cell(cells[0]).ok
+    console = r.ctx.paths.host_console("lab1")
+
+    def starve_once(host, run, dev):
+        if dev is not None and not getattr(starve_once, "done", False):
+            starve_once.done = True
+            console.write_text("[  961.048719] watchdog: BUG: soft lockup - CPU#1 stuck for 23s! [python:253]\n")
+            lab.host_dead = True
+            raise HostGone("lab host lab1 does not answer (SSHException: No existing session)")
+        return None
+
+    lab.on_stream = starve_once
+    res = r.run_cell(cells[1])
+    assert res.ok and res.attempts == 2
+    (crash,) = res.host_crashes
+    assert crash["oops"] is None and crash["stall"] == "watchdog: BUG: soft lockup - CPU#1 stuck for 23s! [python:253]"
+
+
 def test_a_stalled_iperf3_is_run_again_on_the_same_host_and_only_so_often(lab, tmp_path):
     from lab.errors import AgentFailed
 
@@ -605,6 +626,20 @@ def test_a_stalled_iperf3_is_run_again_on_the_same_host_and_only_so_often(lab, t
     lab.on_stream = lambda host, run, dev: stall(host, run, dev, 5)
     res = r.run_cell(cells[2])
     assert res.status == "error" and res.attempts == 2 and "did not finish" in res.error  # retries = 1
+    # a verb that did not answer in time (a starved lab host) is run again too
+    from lab.errors import AgentTimeout
+
+    timeouts: list[str] = []
+
+    def deaf(host, run, dev):
+        if dev is not None and not timeouts:
+            timeouts.append(run.server)
+            raise AgentTimeout("lab1: lab agent stream did not answer in 100s")
+        return None
+
+    lab.on_stream = deaf
+    res = r.run_cell(cells[4])
+    assert res.ok and res.attempts == 2 and timeouts and lab.host_boots == ["stock"]
     # another agent error is not retried
     lab.on_stream = lambda host, run, dev: (_ for _ in ()).throw(AgentFailed("lab1: lab agent stream: bad", kind="Iperf3Error")) if dev else None
     res = r.run_cell(cells[3])

@@ -169,6 +169,18 @@ def test_render_crashes_retries_swaps_in_the_environment(tmp_path):
     assert "(1 retried)" in out
 
 
+def test_a_host_lost_without_an_oops_shows_its_stall(tmp_path):
+    cells = reference_cells()
+    store = RunStore(tmp_path / "runs" / "r1")
+    store.create(RunMeta(run_id="r1", matrix="vhost-matrix", planned=[c.cell for c in cells], extra={
+        "host_crashes": [{"at": "t", "oops": None, "stall": "watchdog: BUG: soft lockup - CPU#1 stuck for 23s! [python:253]",
+                          "cell": "tap-qlen1-rtt0-stock", "stage": "guest boot", "console_log": "/c.log"}]}))
+    for c in cells:
+        store.append(c)
+    out = rich_text(store.load(), [], width=300)
+    assert "t: no oops; stalled: watchdog: BUG: soft lockup - CPU#1 stuck for 23s! [python:253] (during tap-qlen1-rtt0-stock, guest boot" in out
+
+
 def test_compare_uses_the_same_statistics(tmp_path):
     run = store_run(tmp_path, reference_cells(repeats=4, noise=0.01))
     other = store_run(tmp_path / "other", reference_cells(repeats=4, noise=0.01, scale=0.5), run_id="20241201-000000-vhost-matrix")
