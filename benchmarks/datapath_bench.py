@@ -1,6 +1,6 @@
 """Is the lab's own data path the bottleneck? The lab's cells against a plain QEMU command line.
 
-    python benchmarks/datapath_bench.py [--repeats 3] [--duration 8] [--backends vhost,tap] [--sample-ms 10] [--json OUT]
+    python benchmarks/datapath_bench.py [--repeats 3] [--duration 8] [--backends vhost,tap] [--sample-ms 1000] [--json OUT]
 
 On one lab host boot (stock), for each backend, each repeat runs these in a
 seeded random order, each on a freshly booted guest (same kernel, initramfs,
@@ -36,6 +36,7 @@ def main() -> int:
     from lab.guests import RunningGuest, boot_guest, destroy_guest, guest_mac, stage_guest
     from lab.guests import _wait_guest as wait_guest  # the same wait a lab guest gets
     from lab.hosts.nested import destroy_host
+    from lab.measure.matrix import SAMPLE_MS
     from lab.onhost.traffic import Iperf3Run, iperf3_client_argv, parse_iperf3
     from lab.session import LabContext, guest_plan, up_host
     from lab.verdicts.stats import judge
@@ -45,7 +46,7 @@ def main() -> int:
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--backends", default="vhost,tap")
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--sample-ms", type=float, default=10.0, help="the agent's backlog sampling interval")
+    ap.add_argument("--sample-ms", type=float, default=SAMPLE_MS, help="the agent's backlog sampling interval (default: a cell's)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--config", default=None)
     ap.add_argument("--json", default=None)

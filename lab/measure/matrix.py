@@ -78,7 +78,12 @@ RETRIED_AGENT_ERRORS = ("Iperf3Timeout", "AgentTimeout")
 CONSOLE_TAIL_LINES = 200  # lines of a console copied into logs/<cell>.console.log
 MAX_BOOT_ATTEMPTS = 2  # per lab host kernel / per guest config, within one session, outside crashes
 OVERHEAD_FACTOR = 1.25  # target: wall <= 1.25 x traffic + boots (builds excluded)
-SAMPLE_MS = 10.0  # the agent samples the tap's qdisc backlog this often during a cell
+# The agent samples the tap's qdisc backlog this often during a cell. One sample
+# (a pyroute2 qdisc dump) costs ~50 ms of a TCG lab host's vCPU: every 10 ms it
+# took 35 % of the tap path's throughput and 23 % of vhost's, every 100 ms
+# 13-18 %, every 1000 ms nothing measurable (benchmarks/datapath_bench.py and
+# README "The lab's own data path"). So the backlog peak is a 1 s sampled one.
+SAMPLE_MS = 1000.0
 
 
 # =========================================================================== pure parts
