@@ -5,9 +5,18 @@ a baseline arm (stock) and another arm, `compare` takes the repeats of both
 and gives
 
 - the ratio of medians (other / baseline),
-- its 95 % confidence interval by bootstrap (scipy.stats.bootstrap, percentile
-  method, resampling each arm on its own), and
-- a two-sided Mann-Whitney U p-value (scipy.stats.mannwhitneyu),
+- its 95 % confidence interval: with at least MIN_BOOTSTRAP_N repeats per arm
+  by bootstrap (scipy.stats.bootstrap, percentile method, resampling each arm
+  on its own); with fewer, Welch's t interval on the log values (the ratio of
+  geometric means, scipy.stats.ttest_ind). Measured on samples drawn from one
+  distribution (CV 5-30 %): with 3 against 3 repeats the percentile bootstrap
+  said faster/slower 10 % of the time (BCa 7.5-10 %, "basic" 25 %), twice
+  what a 95 % interval promises; Welch on logs 1.3-4.3 %. From 5 against 5
+  the bootstrap is back at 3 %. What the t interval costs is power: a 20 %
+  difference at CV 15 % is called `slower` in 20 % of 3-against-3 runs
+  instead of 42 % (tests/unit/test_stats.py keeps the calibration check);
+- a two-sided Mann-Whitney U p-value (scipy.stats.mannwhitneyu; with 3
+  against 3 repeats it cannot go below 0.1),
 
 and one verdict word:
 
@@ -35,6 +44,7 @@ from lab.verdicts.results import CellSummary, Point
 
 VERDICTS = ("faster", "slower", "same", "inconclusive")
 N_RESAMPLES = 4999
+MIN_BOOTSTRAP_N = 5  # fewer repeats in an arm: Welch's t on logs (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -114,12 +124,19 @@ def judge(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a degenerate (constant) sample gives a zero-width CI, which is right
-        res = stats.bootstrap(
-            (xa, xb), ratio_of_medians, paired=False, vectorized=True, n_resamples=N_RESAMPLES,
-            confidence_level=confidence, method="percentile", random_state=np.random.default_rng(seed),
-        )  # fmt: skip
         p = float(stats.mannwhitneyu(xa, xb, alternative="two-sided").pvalue)
-    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        # a zero in the other arm (a total collapse) has no logarithm: the bootstrap takes it
+        if min(n_a, n_b) >= MIN_BOOTSTRAP_N or (xb <= 0).any():
+            res = stats.bootstrap(
+                (xa, xb), ratio_of_medians, paired=False, vectorized=True, n_resamples=N_RESAMPLES,
+                confidence_level=confidence, method="percentile", random_state=np.random.default_rng(seed),
+            )  # fmt: skip
+            lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        elif np.ptp(xa) == 0 and np.ptp(xb) == 0:
+            lo = hi = ratio  # two constant samples: nothing to be uncertain about
+        else:
+            ci = stats.ttest_ind(np.log(xb), np.log(xa), equal_var=False).confidence_interval(confidence)
+            lo, hi = math.exp(float(ci.low)), math.exp(float(ci.high))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return Judgement(n_a, n_b, med_a, med_b, ratio, None, None, p, "inconclusive", needed=2 * max(n_a, n_b))
     if 1 - tolerance <= lo and hi <= 1 + tolerance:

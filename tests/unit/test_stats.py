@@ -87,3 +87,20 @@ def test_comparisons_note_other_boots_and_refuse_other_hosts() -> None:
     assert "qlen100" not in cmps  # never a ratio across hosts
     (why,) = refused(aggregate(rs), "stock")
     assert "qlen100" in why and "hosts differ" in why
+
+
+def test_three_against_three_from_one_distribution_rarely_says_faster_or_slower() -> None:
+    # The calibration behind MIN_BOOTSTRAP_N: at most about the 5 % a 95 % interval promises.
+    import numpy as np
+
+    rng = np.random.default_rng(20261202)
+    for cv in (0.05, 0.15, 0.3):
+        words = [judge(list(rng.lognormal(0, cv, 3) * 300), list(rng.lognormal(0, cv, 3) * 300), seed=i).verdict
+                 for i in range(400)]
+        false = sum(w in ("faster", "slower") for w in words) / len(words)
+        assert false <= 0.07, (cv, false)
+
+
+def test_a_total_collapse_to_zero_is_still_decided() -> None:
+    j = judge([300.0, 310.0, 290.0], [0.0, 0.0, 1.0])
+    assert j.verdict == "slower" and j.ci_high < 0.1
