@@ -86,6 +86,10 @@ OVERHEAD_FACTOR = 1.25  # target: wall <= 1.25 x traffic + boots (builds exclude
 SAMPLE_MS = 1000.0
 
 
+class BootRefused(LabError):
+    """Not attempted: this lab host kernel or guest config already failed MAX_BOOT_ATTEMPTS times in the run."""
+
+
 # =========================================================================== pure parts
 
 
@@ -460,10 +464,17 @@ class MatrixRunner:
                 self.timing.retries += 1
                 self.emit(Step(cell.id, f"{exc.kind}: retrying (attempt {attempt})", warning=True))
             except Exception as exc:
-                result = self._failed_result(cell, exc, stage, started, commands, attempt, crashes, "")
-                self._finish(cell, result, t0)
-                self._recover(stage)
-                return result
+                # A guest that did not come up (nested KVM under TCG now and then
+                # misses the boot bound) is booted again for this cell, within
+                # `retries` and the run's MAX_BOOT_ATTEMPTS for that guest config.
+                if stage != "guest boot" or isinstance(exc, BootRefused) or attempt > self.spec.retries:
+                    result = self._failed_result(cell, exc, stage, started, commands, attempt, crashes, "")
+                    self._finish(cell, result, t0)
+                    self._recover(stage)
+                    return result
+                attempt += 1
+                self.timing.retries += 1
+                self.emit(Step(cell.id, f"guest did not boot: retrying (attempt {attempt})", warning=True))
         self._finish(cell, result, t0)
         if not result.ok:
             self._recover("cell")
@@ -651,7 +662,7 @@ class MatrixRunner:
     def _refuse_if_failed(self, key: tuple[str, ...], what: str, verb: str = "boot") -> None:
         failures = self._failed.get(key, [])
         if len(failures) >= MAX_BOOT_ATTEMPTS:
-            raise LabError(f"not attempted: {what} failed to {verb} {len(failures)} times in this run ({failures[-1]})")
+            raise BootRefused(f"not attempted: {what} failed to {verb} {len(failures)} times in this run ({failures[-1]})")
 
     def _guest_shell(self, guest: RunningGuest) -> Any:
         if self._guest_runner is None:

@@ -340,6 +340,7 @@ class FakeLab:
     guest_answers: bool = True
     host_dead: bool = False
     fail_host_boot: set[str] = field(default_factory=set)
+    fail_guest_boots: int = 0  # the next N guest boots time out
     mbps: dict[tuple[str, str, int], float] = field(default_factory=dict)
     qlen: int = 1000
     rx: int = 0
@@ -384,6 +385,9 @@ def lab(monkeypatch, tmp_path):
 
     def boot_guest(paths, host, plan, key, boot_timeout=240.0, progress=None):
         assert host is fl.host and not fl.host_dead
+        if fl.fail_guest_boots > 0:
+            fl.fail_guest_boots -= 1
+            raise LabError(f"guest {plan.name} did not come up in {boot_timeout:.0f}s; console: []")
         fl.guest_boots.append((host.modules, plan.backend, plan.queues))
         fl.guest = FakeGuest(plan, host, fl)
         return fl.guest
@@ -691,6 +695,24 @@ def test_a_kernel_that_does_not_boot_fails_its_cells_fast(lab, tmp_path):
     assert all(x.status == "error" and x.error.startswith("lab host boot: ") for x in full)
     assert "not attempted" in full[-1].error  # after MAX_BOOT_ATTEMPTS real attempts
     assert all(x.ok for x in results if x.kernel == "stock") and lab.host_boots == ["stock"]
+
+
+def test_a_guest_that_did_not_boot_is_booted_again_for_its_cell_then_given_up(lab, tmp_path):
+    r = runner_for(tmp_path, retries=2)
+    cells = r.plan()
+    lab.fail_guest_boots = 1
+    res = r.run_cell(cells[0])
+    assert res.ok and res.attempts == 2 and not res.host_crashes and lab.host_boots == ["stock"]
+    assert r.timing.retries == 1
+    # a guest config that keeps failing: MAX_BOOT_ATTEMPTS boots in the run, then refused without a boot
+    r2 = runner_for(tmp_path / "two", retries=2)
+    lab.guest = None
+    lab.fail_guest_boots = 99
+    first = r2.run_cell(r2.plan()[0])
+    assert first.status == "error" and first.attempts == M.MAX_BOOT_ATTEMPTS + 1 and "not attempted" in first.error
+    assert lab.fail_guest_boots == 99 - M.MAX_BOOT_ATTEMPTS
+    later = r2.run_cell(r2.plan()[1])
+    assert later.status == "error" and later.attempts == 1 and "not attempted" in later.error
 
 
 def test_an_artifact_that_does_not_build_fails_its_cells_fast(lab, tmp_path, monkeypatch):
