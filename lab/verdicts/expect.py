@@ -289,7 +289,10 @@ def _no_ring_drops(idx: _Index, exp: ExpectationsLike) -> Property:
         return int(st.sum) if st else 0
 
     dropping = [s for s in by_reason + by_counter if dropped(s) > 0]
-    how = f"FULL_RING drops by reason in {len(by_reason)} cell(s)" + (f", tap tx_dropped in {len(by_counter)}" if by_counter else "")
+    # pktgen cells' ring drops are the tap's tx_dropped (pktgen's own skb reference hides FULL_RING)
+    pktgen = [s for s in by_reason if s.point.kind == "pktgen"]
+    how = f"FULL_RING drops by reason in {len(by_reason) - len(pktgen)} cell(s)"
+    how += (f", tap tx_dropped in {len(pktgen)} pktgen cell(s)" if pktgen else "") + (f", tap tx_dropped in {len(by_counter)}" if by_counter else "")
     unmeasured = len(ok) - len(by_reason) - len(by_counter)
     tail = f"; {unmeasured} cell(s) without a counter" if unmeasured else ""
     if bare:

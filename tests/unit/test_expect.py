@@ -228,3 +228,14 @@ def test_ring_drops_under_noqueue_are_reported_not_judged():
     held = [dataclasses.replace(r, cell=r.cell + "-Dfq_codel", qdisc="fq_codel", ring_drops=7 if r.kernel == "nodrop" else 0)
             for r in rs if r.txqueuelen == 1000]
     assert props_by_name(rs + held)["vhost/nodrop-no-ring-drops"].verdict == FAIL
+
+
+def test_pktgen_cells_ring_drops_are_said_to_come_from_the_tap_counter():
+    import dataclasses
+
+    rs = rep(backends=("vhost",), rtts=False)
+    pg = [dataclasses.replace(r, cell="pktgen-" + r.cell.replace("-rtt0-", "-rtt0-T1-"), kind="pktgen", threads=1,
+                              ring_drops=0, guest_rx_pps=1000.0, pktgen_pps=1000.0)
+          for r in rs if r.txqueuelen == 1]
+    p = props_by_name(rs + pg)["vhost/nodrop-no-ring-drops"]
+    assert p.verdict == PASS and "tap tx_dropped in 1 pktgen cell(s)" in p.detail, p.detail
