@@ -41,15 +41,19 @@ class HostGone(LabError):
 
 class HostCrashed(HostGone):
     """The lab host's kernel died: `oops` is the first crash line on its console, `head` the
-    report up to the RIP and the call trace, `console_log` where the whole console was kept."""
+    report up to the RIP and the call trace, `console_log` where the whole console was kept, `stall`
+    (when there is no oops) the soft lockup or RCU stall a starved host printed."""
 
-    def __init__(self, host: str, oops: str | None, head: str = "", console_log: str | None = None) -> None:
+    def __init__(
+        self, host: str, oops: str | None, head: str = "", console_log: str | None = None, stall: str | None = None
+    ) -> None:
         what = f"lab host {host} crashed: {oops}" if oops else f"lab host {host} died (no crash report on its console)"
         super().__init__(what + (f" (console: {console_log})" if console_log else ""))
         self.host = host
         self.oops = oops
         self.head = head
         self.console_log = console_log
+        self.stall = stall  # without an oops: the first soft-lockup / RCU-stall line it printed
 
 
 class AgentFailed(LabError):

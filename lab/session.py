@@ -40,7 +40,7 @@ from lab.config import GuestSpec, HostSpec, LabConfig
 from lab.errors import ConfigError, HostCrashed, HostGone, LabError
 from lab.events import Emit, GuestBooted, HostBooted, ModulesSwapped, Progress, Step, quiet
 from lab.guests import GuestPlan, RunningGuest, boot_guest, destroy_guest, list_lab_guests
-from lab.hosts.console import read_oops
+from lab.hosts.console import find_oops, find_stall
 from lab.hosts.deploy import KexecOutcome, KexecTarget, install_full, kexec_cmdline, kexec_deploy, push_modules, running_kernel
 from lab.hosts.host import Host, LocalHost, SshHost
 from lab.hosts.nested import KernelBoot, artifact_build_ids, boot_host, destroy_host, find_host, labhost_initrd
@@ -471,7 +471,11 @@ class LabSession:
     def crash(self, keep_dir: Path | None = None) -> HostCrashed:
         """What killed the host, from its console; the console is copied to `keep_dir` when given."""
         console = self.ctx.paths.host_console(self.spec.name)
-        oops = read_oops(console)
+        try:
+            text = console.read_text(errors="replace")
+        except OSError:
+            text = ""
+        oops = find_oops(text)
         kept: str | None = None
         if keep_dir is not None and console.exists():
             keep_dir.mkdir(parents=True, exist_ok=True)
@@ -481,7 +485,9 @@ class LabSession:
                 kept = str(dest)
             except OSError:
                 kept = str(console)
-        return HostCrashed(self.spec.name, oops.first if oops else None, oops.head if oops else "", kept)
+        if oops is None:
+            return HostCrashed(self.spec.name, None, "", kept, stall=find_stall(text))
+        return HostCrashed(self.spec.name, oops.first, oops.head, kept)
 
     def host_alive(self) -> bool:
         """Whether the host still answers (a nested host: its VM runs and SSH answers)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 # The first line of a crash report, in the words of the kernel.
 CRASH = re.compile(
@@ -66,11 +65,3 @@ def find_stall(text: str) -> str | None:
         if STALL.search(line):
             return _strip(line)[:200]
     return None
-
-
-def read_oops(path: Path) -> Oops | None:
-    """find_oops over a console log file (None when unreadable)."""
-    try:
-        return find_oops(path.read_text(errors="replace"))
-    except OSError:
-        return None

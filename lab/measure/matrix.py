@@ -25,7 +25,6 @@ a fresh one), one that does gets its iperf3 server restarted.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -40,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 from lab.errors import AgentFailed, HostGone, LabError
 from lab.events import CellFinished, CellStarted, Emit, HostCrash, Step, quiet
 from lab.guests import RunningGuest, console_tail, guest_mac
-from lab.hosts.console import find_stall
 from lab.measure.cells import Arm, Cell, arms_of, assign_hosts, expand, schedule, swaps_and_boots
 from lab.onhost.drops import RING_REASON
 from lab.onhost.net import NetemDelay
@@ -518,10 +516,8 @@ class MatrixRunner:
         self.timing.host_crashes += 1
         entry = {"at": now_iso(), "oops": crash.oops, "console_log": crash.console_log, "stage": stage, "cell": cell.id,
                  "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
-        if crash.oops is None and crash.console_log:
-            # no oops: a host starved under TCG (soft lockups, RCU stalls) says so instead
-            with contextlib.suppress(OSError):
-                entry["stall"] = find_stall(Path(crash.console_log).read_text(errors="replace"))
+        if crash.oops is None:
+            entry["stall"] = crash.stall  # no oops: a host starved under TCG (soft lockups, RCU stalls) says so instead
         self.meta = self.store.update_meta(lambda m: m.extra.setdefault("host_crashes", []).append({**entry, "head": crash.head}))
         self.emit(HostCrash(self.host_spec.name, entry["at"], crash.oops, crash.console_log))
         return entry
