@@ -91,6 +91,22 @@ class BootRefused(LabError):
 # =========================================================================== pure parts
 
 
+def retry_reason(exc: Exception, stage: str) -> str | None:
+    """Why a cell's failed attempt (not a lost host) may be run again, or None when it may not.
+
+    An iperf3 that stalled on a live connection, or an agent verb that did not
+    answer in time: the host is fine, the cell runs again on a guest whose
+    iperf3 server was restarted. A guest that did not come up (nested KVM under
+    TCG now and then misses the boot bound) is booted again, within the run's
+    MAX_BOOT_ATTEMPTS for that guest config.
+    """
+    if isinstance(exc, AgentFailed):
+        return exc.kind if stage == "cell" and exc.kind in RETRIED_AGENT_ERRORS else None
+    if stage == "guest boot" and not isinstance(exc, BootRefused):
+        return "guest did not boot"
+    return None
+
+
 def netem_delays(rtt_ms: float, split: bool) -> tuple[float | None, float | None]:
     """(delay on the host's tap, delay on the guest's eth0) in ms for a cell's RTT; None = no netem.
 
@@ -445,38 +461,25 @@ class MatrixRunner:
                         self.gone = f"{self.timing.host_crashes} lab host crashes (max_host_crashes {self.spec.max_host_crashes})"
                         raise HostGone(f"lab host {self.host_spec.name}: {self.gone}") from None
                     return result
-                attempt += 1
-                self.timing.retries += 1
-                self.emit(Step(cell.id, f"retrying on a new lab host (attempt {attempt})", warning=True))
-            except AgentFailed as exc:
-                # iperf3 under TCG now and then stalls on a live connection
-                # (killed at duration + grace): the host is fine, the cell
-                # is run again on a guest whose iperf3 server was restarted.
-                if stage != "cell" or exc.kind not in RETRIED_AGENT_ERRORS or attempt > self.spec.retries:
+                attempt = self._next_attempt(cell, attempt, "retrying on a new lab host")
+            except Exception as exc:
+                why = retry_reason(exc, stage)
+                if why is None or attempt > self.spec.retries:
                     result = self._failed_result(cell, exc, stage, started, commands, attempt, crashes, "")
                     self._finish(cell, result, t0)
                     self._recover(stage)
                     return result
                 self._recover(stage)
-                attempt += 1
-                self.timing.retries += 1
-                self.emit(Step(cell.id, f"{exc.kind}: retrying (attempt {attempt})", warning=True))
-            except Exception as exc:
-                # A guest that did not come up (nested KVM under TCG now and then
-                # misses the boot bound) is booted again for this cell, within
-                # `retries` and the run's MAX_BOOT_ATTEMPTS for that guest config.
-                if stage != "guest boot" or isinstance(exc, BootRefused) or attempt > self.spec.retries:
-                    result = self._failed_result(cell, exc, stage, started, commands, attempt, crashes, "")
-                    self._finish(cell, result, t0)
-                    self._recover(stage)
-                    return result
-                attempt += 1
-                self.timing.retries += 1
-                self.emit(Step(cell.id, f"guest did not boot: retrying (attempt {attempt})", warning=True))
+                attempt = self._next_attempt(cell, attempt, f"{why}: retrying")
         self._finish(cell, result, t0)
         if not result.ok:
             self._recover("cell")
         return result
+
+    def _next_attempt(self, cell: Cell, attempt: int, what: str) -> int:
+        self.timing.retries += 1
+        self.emit(Step(cell.id, f"{what} (attempt {attempt + 1})", warning=True))
+        return attempt + 1
 
     def _finish(self, cell: Cell, result: CellResult, t0: float) -> None:
         self.timing.cells_run += 1

@@ -853,3 +853,15 @@ def test_run_matrix_over_two_hosts_measures_each_cell_on_its_assigned_host(lab, 
     assert set(meta.extra["lab_sessions"]) == {"lab1", "lab2"}
     assert len(lab.host_boots) == 2 and lab.host_destroys == 2  # each runner booted and tore down its own host
     assert outcome.stopped is None
+
+
+def test_retry_reason_names_what_may_be_run_again():
+    from lab.errors import AgentFailed, AgentTimeout
+
+    assert M.retry_reason(AgentFailed("x", kind="Iperf3Timeout"), "cell") == "Iperf3Timeout"
+    assert M.retry_reason(AgentTimeout("x"), "cell") == "AgentTimeout"
+    assert M.retry_reason(AgentFailed("x", kind="Iperf3Error"), "cell") is None
+    assert M.retry_reason(AgentTimeout("x"), "guest boot") is None  # an agent failure is only retried mid-cell
+    assert M.retry_reason(LabError("guest guest1 did not come up in 240s"), "guest boot") == "guest did not boot"
+    assert M.retry_reason(M.BootRefused("not attempted"), "guest boot") is None
+    assert M.retry_reason(LabError("boom"), "cell") is None and M.retry_reason(LabError("x"), "lab host boot") is None
