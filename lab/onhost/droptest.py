@@ -92,27 +92,31 @@ def build_payload(seq: int, size: int) -> bytes:
     return head + bytes(max(0, size - len(head)))
 
 
-def parse_frame(frame: bytes, port: int = DEFAULT_PORT) -> int | None:
-    """The sequence number in an Ethernet frame read from the tap, or None if it is not ours.
-
-    Ours: IPv4, UDP to `port`, payload starting with (seq, MAGIC).
-    """
-    if len(frame) < 14 + 20 + 8 + PAYLOAD_HEADER.size:
-        return None
-    if struct.unpack_from("!H", frame, 12)[0] != ETH_P_IP:
+def udp_payload_offset(frame: bytes, port: int) -> int | None:
+    """Where the UDP payload starts in an Ethernet frame read from a tap: IPv4, unfragmented, UDP to `port`; else None."""
+    if len(frame) < 14 + 20 + 8 or struct.unpack_from("!H", frame, 12)[0] != ETH_P_IP:
         return None
     ip = 14
     version_ihl = frame[ip]
     if version_ihl >> 4 != 4 or frame[ip + 9] != IPPROTO_UDP:
         return None
-    if struct.unpack_from("!H", frame, ip + 6)[0] & 0x3FFF:  # a fragment: not ours
+    if struct.unpack_from("!H", frame, ip + 6)[0] & 0x3FFF:  # a fragment: no UDP header of its own
         return None
     udp = ip + (version_ihl & 0x0F) * 4
-    if len(frame) < udp + 8 + PAYLOAD_HEADER.size:
+    if len(frame) < udp + 8 or struct.unpack_from("!H", frame, udp + 2)[0] != port:
         return None
-    if struct.unpack_from("!H", frame, udp + 2)[0] != port:
+    return udp + 8
+
+
+def parse_frame(frame: bytes, port: int = DEFAULT_PORT) -> int | None:
+    """The sequence number in an Ethernet frame read from the tap, or None if it is not ours.
+
+    Ours: IPv4, UDP to `port`, payload starting with (seq, MAGIC).
+    """
+    at = udp_payload_offset(frame, port)
+    if at is None or len(frame) < at + PAYLOAD_HEADER.size:
         return None
-    seq, magic = PAYLOAD_HEADER.unpack_from(frame, udp + 8)
+    seq, magic = PAYLOAD_HEADER.unpack_from(frame, at)
     return seq if magic == MAGIC else None
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from lab import proc
 from lab.errors import LabError, MissingPiece
+from lab.onhost.droptest import PEER_MAC, DropTestOptions, in_netns, open_tap, setup_link, udp_payload_offset
 from lab.onhost.net import CountersDelta, delta, read_counters, validate_ifname
 
 PKTGEN = Path("/proc/net/pktgen")
@@ -226,21 +227,12 @@ def measure_pktgen(run: PktgenRun, root: Path = PKTGEN) -> PktgenMeasurement:
 # pktgen's own header right after the UDP header (struct pktgen_hdr: magic,
 # seq_num, tv_sec, tv_usec), which tells its frames from anything else on a tap.
 PKTGEN_MAGIC = 0xBE9BE955
-_ETH_P_IP = 0x0800
-_IPPROTO_UDP = 17
 
 
 def is_pktgen_frame(frame: bytes, port: int = 9) -> bool:
     """True for an Ethernet frame pktgen sent: IPv4, UDP to `port`, pktgen's magic first in the payload."""
-    if len(frame) < 14 + 20 + 8 + 4 or struct.unpack_from("!H", frame, 12)[0] != _ETH_P_IP:
-        return False
-    ihl = frame[14] & 0x0F
-    if frame[14] >> 4 != 4 or frame[14 + 9] != _IPPROTO_UDP:
-        return False
-    udp = 14 + ihl * 4
-    if len(frame) < udp + 12 or struct.unpack_from("!H", frame, udp + 2)[0] != port:
-        return False
-    return struct.unpack_from("!I", frame, udp + 8)[0] == PKTGEN_MAGIC
+    at = udp_payload_offset(frame, port)
+    return at is not None and len(frame) >= at + 4 and struct.unpack_from("!I", frame, at)[0] == PKTGEN_MAGIC
 
 
 @dataclass(frozen=True)
@@ -287,9 +279,6 @@ def pktgen_into_tap(
     timeout_s: float = 120.0, netns: str | None = None,
 ) -> TapSinkResult:
     """Run pktgen (queue_xmit, UDP) into a tap this process reads, in a namespace of its own; clean up after."""
-    from lab.onhost import net
-    from lab.onhost.droptest import PEER_MAC, DropTestOptions, in_netns, open_tap, setup_link
-
     if os.geteuid() != 0:
         raise LabError("pktgen into a tap needs root (it creates a tap, a namespace and pktgen devices)")
     opts = DropTestOptions(tap=tap, txqueuelen=txqueuelen, qdisc=qdisc, netns=netns)
@@ -308,10 +297,9 @@ def pktgen_into_tap(
             time.sleep(0.5)  # what is still in the ring or the qdisc reaches the reader
             stop.set()
             reader.join(10)
-        kind = net.read_qdisc(tap).kind
     r = m.result
     return TapSinkResult(
-        kernel_release=platform.release(), tap=tap, txqueuelen=txqueuelen, qdisc=kind, threads=threads, count=count,
+        kernel_release=platform.release(), tap=tap, txqueuelen=txqueuelen, qdisc=m.delta.qdisc.kind, threads=threads, count=count,
         sent=r.sent, errors=r.errors, received=counts[0], other_frames=counts[1], pps=r.pps,
         senders_ok=bool(r.senders) and all(s.ok for s in r.senders), stopped=r.stopped,
         tap_tx_dropped=m.delta.tap.tx_dropped, qdisc_drops=m.delta.qdisc.drops, qdisc_requeues=m.delta.qdisc.requeues,
