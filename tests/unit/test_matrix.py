@@ -350,10 +350,10 @@ class FakeLab:
     def verbs(self, verb: str) -> list[tuple[str, tuple]]:
         return [(modules, args) for modules, v, args in self.calls if v == verb]
 
-    def crash(self, console: Path) -> None:
-        """The host dies: its console shows an oops, its VM is gone."""
+    def crash(self, console: Path, last_words: str = OOPS) -> None:
+        """The host dies: its console shows `last_words` (an oops), its VM is gone."""
         console.parent.mkdir(parents=True, exist_ok=True)
-        console.write_text(OOPS)
+        console.write_text(last_words)
         self.host_dead = True
 
 
@@ -593,8 +593,7 @@ def test_a_host_lost_without_an_oops_records_the_stall_it_printed(lab, tmp_path)
     def starve_once(host, run, dev):
         if dev is not None and not getattr(starve_once, "done", False):
             starve_once.done = True
-            console.write_text("[  961.048719] watchdog: BUG: soft lockup - CPU#1 stuck for 23s! [python:253]\n")
-            lab.host_dead = True
+            lab.crash(console, "[  961.048719] watchdog: BUG: soft lockup - CPU#1 stuck for 23s! [python:253]\n")
             raise HostGone("lab host lab1 does not answer (SSHException: No existing session)")
         return None
 
