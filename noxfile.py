@@ -143,6 +143,13 @@ def datapath_bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/datapath_bench.py", *session.posargs)
 
 
+@nox.session(name="swap-bench")
+def swap_bench(session: nox.Session) -> None:
+    """What a same-boot module swap costs: guest reboot against NIC hot-unplug, each followed by a stream."""
+    prepare(session)
+    session.run("python", "benchmarks/swap_bench.py", *session.posargs)
+
+
 @nox.session
 def scenarios(session: nox.Session) -> None:
     """The failure scenarios (noqueue, paused guest, multicast, detach/reset while stopped) on every recipe."""

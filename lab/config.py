@@ -69,8 +69,9 @@ BACKENDS = ("tap", "vhost")
 QDISCS = ("default", "fq_codel", "pfifo_fast", "pfifo", "fq", "noqueue")
 ORDERS = ("abba", "shuffle")  # how arms sharing a lab host boot alternate
 # How a lab host boot moves from one arm's modules to another's
-# (lab.session): destroy and boot the guest, or boot a new lab host.
-SWAPS = ("reboot-guest", "reboot-host")
+# (lab.session): destroy and boot the guest, hot-unplug and re-plug the
+# guest's NIC around the swap, or boot a new lab host.
+SWAPS = ("reboot-guest", "hot-unplug", "reboot-host")
 MAX_QUEUES = 16
 STRATEGIES = ("modules", "full")
 PROVIDERS = ("nested", "local", "ssh")

@@ -10,8 +10,10 @@ that subnet exists only inside the lab host.
 from __future__ import annotations
 
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lab import proc
 from lab.artifacts.initramfs import InitramfsSpec, cached_initramfs
@@ -111,6 +113,12 @@ class StagedGuest:
     kernel: Path | None = None  # the guest kernel's path on the host (None: the plan's own path)
 
 
+def guest_tap(plan: GuestPlan) -> TapDevice:
+    """The tap a guest's NIC opens: name, txqueuelen, vnet_hdr, queues, the host side's address."""
+    return TapDevice(plan.tap, txqueuelen=plan.txqueuelen, vnet_hdr=True, multi_queue=plan.queues > 1,
+                     address=f"{plan.host_ip}/24")
+
+
 def stage_guest(paths: LabPaths, host: Host, plan: GuestPlan, progress: Progress = quiet) -> StagedGuest:
     """The tap (name, txqueuelen, vnet_hdr, queues, the host side's address) and the disk overlay of a guest.
 
@@ -123,8 +131,7 @@ def stage_guest(paths: LabPaths, host: Host, plan: GuestPlan, progress: Progress
     overlay = f"{gdir}/{plan.name}.qcow2"
     console = host.guest_log(plan.name)
     progress(Step(plan.name, f"tap {plan.tap} (txqueuelen {plan.txqueuelen})"))
-    host.agent.tap_create(TapDevice(plan.tap, txqueuelen=plan.txqueuelen, vnet_hdr=True, multi_queue=plan.queues > 1,
-                                    address=f"{plan.host_ip}/24"))
+    host.agent.tap_create(guest_tap(plan))
     # What the guest boots from must be readable on the host: a remote host
     # (ssh) gets copies, named by the artifacts' content keys; nested and
     # local hosts read this machine's files where they are.
@@ -244,6 +251,11 @@ def _wait_guest(guest: RunningGuest, timeout: float, progress: Progress, t0: flo
     except proc.WaitTimeout:
         raise LabError(f"guest {name} did not come up in {timeout:.0f}s; console:\n{console_tail(guest.host, name)}") from None
     progress(Step(name, "waiting for SSH"))
+    _wait_ssh(guest, max(10.0, timeout - (time.monotonic() - t0)))
+
+
+def _wait_ssh(guest: RunningGuest, timeout: float) -> None:
+    name = guest.plan.name
     runner = guest.runner(timeout=60)
     last = {"err": ""}
 
@@ -253,11 +265,80 @@ def _wait_guest(guest: RunningGuest, timeout: float, progress: Progress, t0: flo
         return res.rc == 0
 
     try:
-        proc.wait_for(answers, timeout=max(10.0, timeout - (time.monotonic() - t0)), interval=1.0, what="SSH")
+        proc.wait_for(answers, timeout=timeout, interval=1.0, what="SSH")
     except proc.WaitTimeout:
         raise LabError(f"guest {name}: SSH at {guest.plan.guest_ip} does not answer: {last['err']}") from None
     finally:
         runner.close()
+
+
+# Run detached in the guest before its NIC is unplugged (the guest has no udev):
+# wait for the interface to go and to come back, then give it its address and
+# queues again. It polls only for the seconds of a swap; $1 interface, $2
+# address/prefix, $3 queue pairs.
+NIC_REJOIN_SH = (
+    "exec </dev/null >/dev/null 2>&1; ("
+    ' n=0; while [ -e "/sys/class/net/$1" ] && [ "$n" -lt 600 ]; do sleep 0.1; n=$((n + 1)); done;'
+    ' n=0; while [ ! -e "/sys/class/net/$1" ] && [ "$n" -lt 1800 ]; do sleep 0.1; n=$((n + 1)); done;'
+    ' ip link set dev "$1" up && ip addr add "$2" dev "$1";'
+    ' if [ "$3" -gt 1 ]; then ethtool -L "$1" combined "$3"; fi;'
+    ' echo "lab-nic-rejoin: $1 $2" >/dev/console ) &'
+)
+GUEST_IFACE = "eth0"  # images/guest-init.sh's default lab.iface
+
+
+def _live_interface(dom: Any) -> ET.Element | None:
+    import libvirt
+
+    try:
+        root = ET.fromstring(dom.XMLDesc(0))
+    except libvirt.libvirtError:
+        return None
+    return root.find("./devices/interface")
+
+
+def unplug_nic(guest: RunningGuest, timeout: float = 60.0) -> str:
+    """Hot-unplug a guest's NIC (the virtio-net device and its netdev), so QEMU lets go of the tap and vhost-net.
+
+    Before, a detached helper in the guest is told to re-address the NIC when
+    it comes back (plug_nic). Returns the interface XML to plug back, with
+    the same PCI address; LabError when the guest does not release it.
+    """
+    import libvirt
+
+    runner = guest.runner(timeout=30)
+    try:
+        runner.run(["sh", "-c", NIC_REJOIN_SH, "lab-nic-rejoin", GUEST_IFACE, f"{guest.plan.guest_ip}/24", str(guest.plan.queues)],
+                   timeout=30)
+    finally:
+        runner.close()
+    dom = guest.host.libvirt().lookupByName(guest.domain)
+    iface = _live_interface(dom)
+    if iface is None:
+        raise LabError(f"guest {guest.plan.name}: its domain has no NIC to unplug")
+    for alias in iface.findall("alias"):
+        iface.remove(alias)  # libvirt's own name for it; an attached device may not carry one that is not "ua-"
+    xml = ET.tostring(iface, encoding="unicode")
+    try:
+        dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        proc.wait_for(lambda: _live_interface(dom) is None, timeout=timeout, interval=0.2, what="the NIC to go")
+    except (libvirt.libvirtError, proc.WaitTimeout) as e:
+        raise LabError(f"guest {guest.plan.name}: its NIC was not unplugged: {e}") from None
+    return xml
+
+
+def plug_nic(guest: RunningGuest, xml: str, timeout: float = 120.0) -> None:
+    """Plug back what unplug_nic took (its tap re-created first), and wait until the guest answers SSH on it again."""
+    import libvirt
+
+    dom = guest.host.libvirt().lookupByName(guest.domain)
+    try:
+        dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    except libvirt.libvirtError as e:
+        raise LabError(f"guest {guest.plan.name}: its NIC could not be plugged back: {e}") from None
+    _wait_ssh(guest, timeout)
+    # a tap libvirt opens gets noqueue, as at boot: the lab measures the kernel's default qdisc
+    guest.host.agent.set_qdisc(guest.plan.tap, "default")
 
 
 def destroy_guest(paths: LabPaths, host: Host, name: str, tap: str | None) -> None:

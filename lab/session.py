@@ -39,7 +39,7 @@ from typing import Any
 from lab.config import GuestSpec, HostSpec, LabConfig
 from lab.errors import ConfigError, HostCrashed, HostGone, LabError
 from lab.events import Emit, GuestBooted, HostBooted, ModulesSwapped, Progress, Step, quiet
-from lab.guests import GuestPlan, RunningGuest, boot_guest, destroy_guest, list_lab_guests
+from lab.guests import GuestPlan, RunningGuest, boot_guest, destroy_guest, guest_tap, list_lab_guests, plug_nic, unplug_nic
 from lab.hosts.console import find_oops, find_stall
 from lab.hosts.deploy import KexecOutcome, KexecTarget, install_full, kexec_cmdline, kexec_deploy, push_modules, running_kernel
 from lab.hosts.host import Host, LocalHost, SshHost
@@ -388,15 +388,67 @@ class LabSession:
         assert st is not None
         old = st.arm
         self.emit(Step(self.spec.name, f"swapping modules {old} -> {recipe}"))
-        self.drop_guests(destroy=True)
-        for tap in st.host.agent.tap_list(f"{self.ctx.cfg.name}-"):
-            st.host.agent.tap_delete(tap.name)
         kb = kernel_boot(self.ctx, recipe, self.emit)
-        loaded = self._swap_in(st.host, recipe, kb)
+        t0 = time.monotonic()
+        unplugged = self._release_modules()
+        release_s = time.monotonic() - t0
+        try:
+            loaded = self._swap_in(st.host, recipe, kb)
+        except BaseException:
+            for name in unplugged:  # no NIC to measure through: boot them again
+                self.drop_guest(name, destroy=True)
+            raise
         st.modules_recipe, st.arm = recipe, arm
         st.facts = {**st.facts, "modules": dict(loaded["build_ids"]), "modules_recipe": recipe}
-        self.swaps.append({"from": old, "to": arm, "recipe": recipe, "seconds": loaded["seconds"], "boot_id": st.boot_id})
+        t1 = time.monotonic()
+        self._plug_back(unplugged)
+        record = {"from": old, "to": arm, "recipe": recipe, "seconds": loaded["seconds"], "boot_id": st.boot_id,
+                  "release": self.swap_policy, "release_s": round(release_s, 2)}
+        if unplugged:
+            record["replug_s"] = round(time.monotonic() - t1, 2)  # NIC back and SSH answering (a guest boot otherwise)
+        self.swaps.append(record)
         self.emit(ModulesSwapped(self.spec.name, old, arm, loaded["seconds"], dict(loaded["build_ids"])))
+
+    def _release_modules(self) -> dict[str, str]:
+        """Let go of tun/tap/vhost/vhost_net: guests destroyed, or (hot-unplug) their NICs unplugged; then the lab's taps.
+
+        Returns the unplugged NICs' XML by guest. A guest that does not give
+        its NIC up is destroyed instead (booted again for its next cell).
+        """
+        st = self.state
+        assert st is not None
+        unplugged: dict[str, str] = {}
+        if self.swap_policy == "hot-unplug":
+            for name, guest in list(self.guests.items()):
+                try:
+                    unplugged[name] = unplug_nic(guest, self.ctx.cfg.timeouts.command)
+                except (LabError, HostGone) as exc:
+                    self.emit(Step(name, f"hot-unplug failed, destroying the guest: {exc}", warning=True))
+                    self.drop_guest(name, destroy=True)
+            kept = {self.ctx.paths.domain_name("", n) for n in unplugged}
+            for dom, _active in list_lab_guests(st.host, self.ctx.cfg.name):
+                if dom not in kept:  # a lab guest this session did not boot holds the modules too
+                    name = dom[len(self.ctx.cfg.name) + 1 :]
+                    tap = self.ctx.cfg.guests[name].net.tap if name in self.ctx.cfg.guests else None
+                    destroy_guest(self.ctx.paths, st.host, name, tap)
+        else:
+            self.drop_guests(destroy=True)
+        for tap in st.host.agent.tap_list(f"{self.ctx.cfg.name}-"):
+            st.host.agent.tap_delete(tap.name)
+        return unplugged
+
+    def _plug_back(self, unplugged: dict[str, str]) -> None:
+        """Re-create the taps of unplugged NICs and plug them back; a guest that does not answer again is destroyed."""
+        st = self.state
+        assert st is not None
+        for name, xml in unplugged.items():
+            guest = self.guests[name]
+            try:
+                st.host.agent.tap_create(guest_tap(guest.plan))
+                plug_nic(guest, xml, self.ctx.cfg.timeouts.guest_boot)
+            except (LabError, HostGone) as exc:
+                self.emit(Step(name, f"NIC not back after the swap, destroying the guest: {exc}", warning=True))
+                self.drop_guest(name, destroy=True)
 
     def modules_loaded(self) -> dict[str, Any] | None:
         """What cells record as `modules_loaded`: whose modules run now, and their build-ids."""

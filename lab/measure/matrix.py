@@ -423,6 +423,9 @@ class MatrixRunner:
         elif isinstance(event, ModulesSwapped):
             self.timing.module_swaps += 1
             self.timing.boots_s += event.seconds
+            # a hot-unplug swap keeps the guest but not its NIC: no SSH session, netem or warm path survives it
+            self._drop_guest_handles()
+            self._warm = None
         self.emit(event)
 
     # ------------------------------------------------------------------ one cell

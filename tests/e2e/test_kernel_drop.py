@@ -321,3 +321,35 @@ def test_pktgen_into_a_real_tap(recipe_host, case: PktgenCase):
         # The queue stopped at the full ring: the qdisc refused instead, pktgen resent.
         assert out["tap_tx_dropped"] == 0 and out["received"] == total, out
         assert out["qdisc_drops"] > 0, out
+
+
+def test_hot_unplug_swap_keeps_the_guest(kernel_session):
+    """swap = "hot-unplug": the modules change under a running guest whose NIC is unplugged and plugged back.
+
+    The same guest (not rebooted) runs on the other recipe's modules (build-ids
+    checked by the swap, the recipe by its exports) and streams through them.
+    """
+    from lab.onhost.traffic import Iperf3Run
+    from lab.session import guest_plan
+
+    s = kernel_session
+    before = (s.modules_loaded() or {}).get("recipe") or "stock"
+    host = s.kernel("stock")
+    plan = guest_plan(s.ctx, s.ctx.cfg.guests["guest1"], backend="vhost")
+    guest = s.guest(plan)
+    policy, s.swap_policy = s.swap_policy, "hot-unplug"
+    try:
+        s.kernel("nodrop")
+        swap = s.swaps[-1]
+        assert s.guests.get("guest1") is guest, "the guest was rebooted, not kept"
+        assert swap["release"] == "hot-unplug" and "replug_s" in swap, swap
+        assert (s.modules_loaded() or {}).get("recipe") == "nodrop"
+        assert host.probe().nodrop is True
+        m = host.agent.stream(Iperf3Run(server=plan.guest_ip, duration_s=3), plan.tap, sample_ms=0, count_drops=False)
+        assert (m.iperf3.throughput_mbps or 0) > 0
+        print(f"\nhot-unplug swap: release {swap['release_s']} s, swap {swap['seconds']} s, NIC back {swap['replug_s']} s, "
+              f"then {m.iperf3.throughput_mbps:.0f} Mbit/s")
+    finally:
+        s.swap_policy = policy
+        s.drop_guest("guest1", destroy=True)
+        s.kernel(before)

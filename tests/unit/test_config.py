@@ -950,3 +950,13 @@ def test_any_unknown_key_is_named(lab_dir: Path, table: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         loads_config(text, lab_dir, lab_dir / "lab.toml", mem_total_mib=MEM)
     assert_error(info.value, f"{table}.{key}", "unknown key")
+
+
+@pytest.mark.parametrize("swap", ["reboot-guest", "hot-unplug", "reboot-host"])
+def test_swap_policies_are_accepted(lab_dir: Path, swap: str) -> None:
+    assert load(lab_dir, changed(base_lab(), "matrices.m.swap", swap)).matrices["m"].swap == swap
+
+
+def test_unknown_swap_policy_names_the_key_and_the_choices(lab_dir: Path) -> None:
+    err = error(lab_dir, changed(base_lab(), "matrices.m.swap", "hotplug"))
+    assert_error(err, "matrices.m.swap", "hot-unplug")
