@@ -29,12 +29,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODES = ("plain", "lab", "libvirt", "agent")
+MAX_HOST_LOSSES = 3  # lab hosts lost (and booted again) before the benchmark gives up
 
 
 def main() -> int:
     from lab.config import load_config
+    from lab.errors import HostGone
     from lab.guests import RunningGuest, boot_guest, destroy_guest, guest_mac, stage_guest
     from lab.guests import _wait_guest as wait_guest  # the same wait a lab guest gets
+    from lab.hosts.console import find_oops, find_stall
     from lab.hosts.nested import destroy_host
     from lab.measure.matrix import SAMPLE_MS
     from lab.onhost.traffic import Iperf3Run, iperf3_client_argv, parse_iperf3
@@ -60,6 +63,49 @@ def main() -> int:
     rng = random.Random(args.seed)
     samples: dict[tuple[str, str], list[float]] = {}
     log: list[dict] = []
+    crashes: list[dict] = []
+
+    def sample(host, plan, backend: str, mode: str, rep: int) -> dict:
+        t0 = time.monotonic()
+        if mode in ("lab", "libvirt"):
+            boot_guest(ctx.paths, host, plan, ctx.key.private, cfg.timeouts.guest_boot)
+            pidfile = None
+        else:
+            staged = stage_guest(ctx.paths, host, plan)
+            pidfile = f"{host.guest_dir()}/{plan.name}.qemu.pid"
+            argv = [
+                "qemu-system-x86_64", "-name", f"{cfg.name}-bench", "-machine", "q35,accel=kvm", "-cpu", "host",
+                "-m", str(plan.memory_mib), "-smp", str(plan.vcpus), "-nodefaults", "-no-user-config",
+                "-display", "none", "-kernel", str(plan.kernel), "-initrd", str(staged.initrd),
+                "-append", staged.cmdline,
+                "-drive", f"file={staged.overlay},if=virtio,format=qcow2,cache=unsafe",
+                "-netdev", f"tap,id=n0,ifname={plan.tap},script=no,downscript=no,vhost={'on' if backend == 'vhost' else 'off'}",
+                "-device", f"virtio-net-pci,netdev=n0,mac={guest_mac(ctx.paths.lab, plan.index)}",
+                "-serial", f"file:{staged.console}", "-daemonize", "-pidfile", pidfile,
+            ]  # fmt: skip
+            host.run(argv, timeout=120)
+            guest = RunningGuest(plan=plan, host=host, domain=f"{cfg.name}-bench", key=ctx.key.private,
+                                 console=staged.console)
+            wait_guest(guest, cfg.timeouts.guest_boot, lambda _s: None, time.monotonic())
+            # the lab measures under the kernel's default qdisc: so must the plain run
+            host.agent.set_qdisc(plan.tap, "default")
+
+        boot_s = time.monotonic() - t0
+        try:
+            run = Iperf3Run(server=plan.guest_ip, duration_s=args.duration)
+            host.agent.stream(Iperf3Run(server=plan.guest_ip, duration_s=2), None, sample_ms=0, count_drops=False)
+            if mode in ("lab", "agent"):
+                mbps = host.agent.stream(run, plan.tap, sample_ms=args.sample_ms).iperf3.throughput_mbps
+            else:
+                res = host.run(iperf3_client_argv(run), timeout=args.duration + 60)
+                mbps = parse_iperf3(res.stdout).throughput_mbps
+        finally:
+            if pidfile is not None:
+                host.run(["pkill", "-F", pidfile], timeout=60, check=False)
+                time.sleep(1)
+            destroy_guest(ctx.paths, host, plan.name, plan.tap)
+        return {"backend": backend, "mode": mode, "repeat": rep, "mbps": mbps, "boot_s": round(boot_s, 1)}
+
     t_start = time.monotonic()
     host = up_host(ctx, host_spec, kernel=host_spec.kernel)
     print(f"lab host {host_spec.name} up ({host_spec.vcpus} vCPUs)", flush=True)
@@ -70,53 +116,33 @@ def main() -> int:
                 order = list(modes)
                 rng.shuffle(order)
                 for mode in order:
-                    t0 = time.monotonic()
-                    if mode in ("lab", "libvirt"):
-                        boot_guest(ctx.paths, host, plan, ctx.key.private, cfg.timeouts.guest_boot)
-                        pidfile = None
-                    else:
-                        staged = stage_guest(ctx.paths, host, plan)
-                        pidfile = f"{host.guest_dir()}/{plan.name}.qemu.pid"
-                        argv = [
-                            "qemu-system-x86_64", "-name", f"{cfg.name}-bench", "-machine", "q35,accel=kvm", "-cpu", "host",
-                            "-m", str(plan.memory_mib), "-smp", str(plan.vcpus), "-nodefaults", "-no-user-config",
-                            "-display", "none", "-kernel", str(plan.kernel), "-initrd", str(staged.initrd),
-                            "-append", staged.cmdline,
-                            "-drive", f"file={staged.overlay},if=virtio,format=qcow2,cache=unsafe",
-                            "-netdev", f"tap,id=n0,ifname={plan.tap},script=no,downscript=no,vhost={'on' if backend == 'vhost' else 'off'}",
-                            "-device", f"virtio-net-pci,netdev=n0,mac={guest_mac(ctx.paths.lab, plan.index)}",
-                            "-serial", f"file:{staged.console}", "-daemonize", "-pidfile", pidfile,
-                        ]  # fmt: skip
-                        host.run(argv, timeout=120)
-                        guest = RunningGuest(plan=plan, host=host, domain=f"{cfg.name}-bench", key=ctx.key.private,
-                                             console=staged.console)
-                        wait_guest(guest, cfg.timeouts.guest_boot, lambda _s: None, time.monotonic())
-                        # the lab measures under the kernel's default qdisc: so must the plain run
-                        host.agent.set_qdisc(plan.tap, "default")
-
-                    boot_s = time.monotonic() - t0
-                    try:
-                        run = Iperf3Run(server=plan.guest_ip, duration_s=args.duration)
-                        host.agent.stream(Iperf3Run(server=plan.guest_ip, duration_s=2), None, sample_ms=0, count_drops=False)
-                        if mode in ("lab", "agent"):
-                            mbps = host.agent.stream(run, plan.tap, sample_ms=args.sample_ms).iperf3.throughput_mbps
-                        else:
-                            res = host.run(iperf3_client_argv(run), timeout=args.duration + 60)
-                            mbps = parse_iperf3(res.stdout).throughput_mbps
-                    finally:
-                        if pidfile is not None:
-                            host.run(["pkill", "-F", pidfile], timeout=60, check=False)
-                            time.sleep(1)
-                        destroy_guest(ctx.paths, host, plan.name, plan.tap)
-                    samples.setdefault((backend, mode), []).append(float(mbps or 0))
-                    rec = {"backend": backend, "mode": mode, "repeat": rep, "mbps": mbps, "boot_s": round(boot_s, 1)}
+                    for _attempt in range(MAX_HOST_LOSSES + 2):
+                        try:
+                            rec = sample(host, plan, backend, mode, rep)
+                            break
+                        except HostGone as exc:
+                            # Under TCG a lab host can die (the int3 oops, lab/session.py): keep what was
+                            # measured, boot it again and measure this sample again, within a budget.
+                            text = ctx.paths.host_console(host_spec.name).read_text(errors="replace") \
+                                if ctx.paths.host_console(host_spec.name).exists() else ""
+                            oops, stall = find_oops(text), find_stall(text)
+                            crash = {"backend": backend, "mode": mode, "repeat": rep, "error": str(exc),
+                                     "oops": oops.first if oops else None, "rip": oops.rip if oops else None, "stall": stall}
+                            crashes.append(crash)
+                            print("LOST " + json.dumps(crash), flush=True)
+                            host.close()
+                            destroy_host(ctx.paths, host_spec.name)
+                            if len(crashes) > MAX_HOST_LOSSES:
+                                raise
+                            host = up_host(ctx, host_spec, kernel=host_spec.kernel)
+                    samples.setdefault((backend, mode), []).append(float(rec["mbps"] or 0))
                     log.append(rec)
                     print(json.dumps(rec), flush=True)
     finally:
         host.close()
         destroy_host(ctx.paths, host_spec.name)
         ctx.close()
-    summary = {"wall_s": round(time.monotonic() - t_start), "vcpus": host_spec.vcpus, "sample_ms": args.sample_ms, "backends": {}}
+    summary = {"wall_s": round(time.monotonic() - t_start), "host_losses": len(crashes), "vcpus": host_spec.vcpus, "sample_ms": args.sample_ms, "backends": {}}
     for backend in args.backends.split(","):
         b: dict = {m: round(statistics.median(samples[(backend, m)]), 1) for m in modes if (backend, m) in samples}
         for m in modes:
@@ -127,7 +153,7 @@ def main() -> int:
         summary["backends"][backend] = b
     print("SUMMARY " + json.dumps(summary), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary, "runs": log}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"summary": summary, "runs": log, "host_losses": crashes}, indent=2) + "\n")
     return 0
 
 
