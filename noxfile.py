@@ -11,6 +11,8 @@ import os
 import shutil
 import subprocess
 import time
+import tomllib
+from pathlib import Path
 
 import nox
 
@@ -28,25 +30,40 @@ DEBIAN_PACKAGES = [
     "iperf3", "openssh-server", "openssh-client", "iproute2", "ethtool", "kmod",
     # guest images and initramfs
     "mmdebstrap", "e2fsprogs", "busybox-static", "xz-utils",
-    # kernel artifacts: Debian's 6.12.117 and the module build
-    "linux-source-6.12", "linux-headers-6.12.117+deb12-amd64", "make", "bc", "flex", "bison",
+    # kernel artifacts: Debian's 6.12.117 and the module build (linux-source-6.12 at
+    # the recipes' exact version: see debian_kernel_sources)
+    "linux-headers-6.12.117+deb12-amd64", "make", "bc", "flex", "bison",
     "libelf-dev", "libssl-dev", "dwarves",
     # kernels onto real (ssh) hosts: kexec into a full recipe (lab hosts standing in for them see this machine's)
     "kexec-tools",
 ]  # fmt: skip
 
 
+def debian_kernel_sources(config: Path = Path(__file__).with_name("lab.toml")) -> list[str]:
+    """`linux-source-X.Y=VERSION` for every `debian:VERSION` kernel source in lab.toml.
+
+    The module build patches this exact source against the matching headers;
+    an unpinned install gets whatever Debian published last (6.12.118 on
+    2026-12-02, which the 6.12.117 recipes refuse).
+    """
+    kernels = tomllib.loads(config.read_text()).get("kernels", {})
+    versions = sorted({k["source"].removeprefix("debian:") for k in kernels.values() if str(k.get("source", "")).startswith("debian:")})
+    return [f"linux-source-{'.'.join(v.split('.')[:2])}={v}" for v in versions]
+
+
 def _missing_debian(packages: list[str]) -> list[str]:
+    """The packages (`name` or `name=version`) not installed, or installed at another version."""
+    names = [p.split("=")[0] for p in packages]
     out = subprocess.run(
-        ["dpkg-query", "-W", "-f", "${Package} ${db:Status-Status}\n", *packages], capture_output=True, text=True
+        ["dpkg-query", "-W", "-f", "${Package} ${Version} ${db:Status-Status}\n", *names], capture_output=True, text=True
     )
-    installed = {ln.split()[0] for ln in out.stdout.splitlines() if ln.endswith(" installed")}
-    return [p for p in packages if p not in installed]
+    installed = {ln.split()[0]: ln.split()[1] for ln in out.stdout.splitlines() if ln.endswith(" installed")}
+    return [p for p in packages if p.split("=")[0] not in installed or ("=" in p and installed[p.split("=")[0]] != p.split("=", 1)[1])]
 
 
-def install_debian(session: nox.Session, packages: list[str] = DEBIAN_PACKAGES) -> None:
+def install_debian(session: nox.Session, packages: list[str] | None = None) -> None:
     """apt-get install what is missing (root only; otherwise say what to run)."""
-    missing = _missing_debian(packages)
+    missing = _missing_debian(packages if packages is not None else DEBIAN_PACKAGES + debian_kernel_sources())
     if not missing:
         return
     if os.geteuid() != 0:
@@ -55,7 +72,8 @@ def install_debian(session: nox.Session, packages: list[str] = DEBIAN_PACKAGES) 
     session.log(f"apt-get install {' '.join(missing)}")
     # Package lists may be absent on a fresh machine; update once, then install.
     session.run("apt-get", "update", "-qq", external=True, env=env)
-    session.run("apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing, external=True, env=env)
+    # --allow-downgrades: a pinned version older than the one installed
+    session.run("apt-get", "install", "-y", "-qq", "--no-install-recommends", "--allow-downgrades", *missing, external=True, env=env)
 
 
 def start_daemons(session: nox.Session) -> None:
