@@ -131,7 +131,7 @@ def run_checks(config: str | None = None) -> list[Check]:
                      f"apt-get install {' '.join(missing)}" if missing else None))
     absent = [p for p in KERNEL_PACKAGES if not Path(p).exists()]
     out.append(Check("kernel sources", "fail" if absent else "ok", "missing: " + ", ".join(absent) if absent else "linux-source-6.12 + headers",
-                     "apt-get install linux-source-6.12 linux-headers-6.12.117+deb12-amd64" if absent else None))
+                     "apt-get install linux-source-6.12=6.12.117-1~deb12u1 linux-headers-6.12.117+deb12-amd64" if absent else None))
     for daemon in ("virtlogd",):
         running = bool(proc.pids_named(daemon))
         out.append(Check(f"daemon: {daemon}", "ok" if running else "warn", "running" if running else "not running (the lab starts it when root)",
