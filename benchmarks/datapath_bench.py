@@ -33,15 +33,15 @@ MAX_HOST_LOSSES = 3  # lab hosts lost (and booted again) before the benchmark gi
 
 
 def main() -> int:
-    from lab.config import load_config
+    from benchlab import open_bench_lab
+
     from lab.errors import HostGone, LabError
     from lab.guests import RunningGuest, boot_guest, destroy_guest, guest_mac, stage_guest
     from lab.guests import _wait_guest as wait_guest  # the same wait a lab guest gets
-    from lab.hosts.console import find_oops, find_stall
     from lab.hosts.nested import destroy_host
     from lab.measure.matrix import SAMPLE_MS
     from lab.onhost.traffic import Iperf3Run, iperf3_client_argv, parse_iperf3
-    from lab.session import LabContext, guest_plan, up_host
+    from lab.session import console_crash, guest_plan, up_host
     from lab.verdicts.stats import judge
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,16 +55,17 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    cfg = load_config(args.config)
-    ctx = LabContext.open(cfg)
-    host_spec = next(iter(cfg.hosts.values()))
-    guest_spec = next(g for g in cfg.guests.values() if g.host == host_spec.name)
+    lab = open_bench_lab(args.config)
+    cfg, ctx, host_spec, guest_spec = lab.cfg, lab.ctx, lab.host_spec, lab.guest_spec
     modes = [m for m in args.modes.split(",") if m]
     rng = random.Random(args.seed)
     samples: dict[tuple[str, str], list[float]] = {}
     log: list[dict] = []
     crashes: list[dict] = []
     failures: list[dict] = []  # samples that failed on a live host
+
+    def qemu_pidfile(host, plan) -> str:
+        return f"{host.guest_dir()}/{plan.name}.qemu.pid"  # the plain QEMU's
 
     def sample(host, plan, backend: str, mode: str, rep: int) -> dict:
         t0 = time.monotonic()
@@ -73,7 +74,7 @@ def main() -> int:
             pidfile = None
         else:
             staged = stage_guest(ctx.paths, host, plan)
-            pidfile = f"{host.guest_dir()}/{plan.name}.qemu.pid"
+            pidfile = qemu_pidfile(host, plan)
             argv = [
                 "qemu-system-x86_64", "-name", f"{cfg.name}-bench", "-machine", "q35,accel=kvm", "-cpu", "host",
                 "-m", str(plan.memory_mib), "-smp", str(plan.vcpus), "-nodefaults", "-no-user-config",
@@ -124,11 +125,9 @@ def main() -> int:
                         except HostGone as exc:
                             # Under TCG a lab host can die (the int3 oops, lab/session.py): keep what was
                             # measured, boot it again and measure this sample again, within a budget.
-                            text = ctx.paths.host_console(host_spec.name).read_text(errors="replace") \
-                                if ctx.paths.host_console(host_spec.name).exists() else ""
-                            oops, stall = find_oops(text), find_stall(text)
+                            died = console_crash(host_spec.name, ctx.paths.host_console(host_spec.name))
                             crash = {"backend": backend, "mode": mode, "repeat": rep, "error": str(exc),
-                                     "oops": oops.first if oops else None, "rip": oops.rip if oops else None, "stall": stall}
+                                     "oops": died.oops, "head": died.head, "stall": died.stall}
                             crashes.append(crash)
                             print("LOST " + json.dumps(crash), flush=True)
                             host.close()
@@ -143,7 +142,7 @@ def main() -> int:
                             if len(failures) > MAX_HOST_LOSSES:
                                 raise
                             # a plain QEMU that started late still holds the tap
-                            host.run(["pkill", "-F", f"{host.guest_dir()}/{plan.name}.qemu.pid"], timeout=60, check=False)
+                            host.run(["pkill", "-F", qemu_pidfile(host, plan)], timeout=60, check=False)
                             destroy_guest(ctx.paths, host, plan.name, plan.tap)
                     samples.setdefault((backend, mode), []).append(float(rec["mbps"] or 0))
                     log.append(rec)

@@ -220,6 +220,30 @@ def up_host(ctx: LabContext, spec: HostSpec, kernel: str | None = None, progress
 # --------------------------------------------------------------------------- the session
 
 
+def console_crash(host: str, console: Path, keep_dir: Path | None = None) -> HostCrashed:
+    """What killed lab host `host`, read from its console log: the oops, or else the stall it printed.
+
+    The console is copied to `keep_dir` when given (the next boot overwrites it).
+    """
+    try:
+        text = console.read_text(errors="replace")
+    except OSError:
+        text = ""
+    oops = find_oops(text)
+    kept: str | None = None
+    if keep_dir is not None and console.exists():
+        keep_dir.mkdir(parents=True, exist_ok=True)
+        dest = keep_dir / f"{host}-console-{time.strftime('%Y%m%dT%H%M%S')}.log"
+        try:
+            shutil.copyfile(console, dest)
+            kept = str(dest)
+        except OSError:
+            kept = str(console)
+    if oops is None:
+        return HostCrashed(host, None, "", kept, stall=find_stall(text))
+    return HostCrashed(host, oops.first, oops.head, kept)
+
+
 @dataclass
 class HostState:
     """The running host as the session knows it."""
@@ -425,12 +449,7 @@ class LabSession:
                 except (LabError, HostGone) as exc:
                     self.emit(Step(name, f"hot-unplug failed, destroying the guest: {exc}", warning=True))
                     self.drop_guest(name, destroy=True)
-            kept = {self.ctx.paths.domain_name("", n) for n in unplugged}
-            for dom, _active in list_lab_guests(st.host, self.ctx.cfg.name):
-                if dom not in kept:  # a lab guest this session did not boot holds the modules too
-                    name = dom[len(self.ctx.cfg.name) + 1 :]
-                    tap = self.ctx.cfg.guests[name].net.tap if name in self.ctx.cfg.guests else None
-                    destroy_guest(self.ctx.paths, st.host, name, tap)
+            self._destroy_lab_guests(keep=frozenset(unplugged))  # a lab guest this session did not boot holds the modules too
         else:
             self.drop_guests(destroy=True)
         for tap in st.host.agent.tap_list(f"{self.ctx.cfg.name}-"):
@@ -509,37 +528,27 @@ class LabSession:
         """Forget (and destroy) every guest of the session; also lab guests a run did not boot."""
         for name in list(self.guests):
             self.drop_guest(name, destroy)
+        if destroy:
+            self._destroy_lab_guests()
+
+    def _destroy_lab_guests(self, keep: frozenset[str] = frozenset()) -> None:
+        """Destroy the lab's guests on the host but those named in `keep`, also ones this session did not boot."""
         st = self.state
-        if destroy and st is not None:
-            try:
-                for dom, _active in list_lab_guests(st.host, self.ctx.cfg.name):
-                    name = dom[len(self.ctx.cfg.name) + 1 :]
+        if st is None:
+            return
+        try:
+            for dom, _active in list_lab_guests(st.host, self.ctx.cfg.name):
+                name = dom[len(self.ctx.cfg.name) + 1 :]
+                if name not in keep:
                     tap = self.ctx.cfg.guests[name].net.tap if name in self.ctx.cfg.guests else None
                     destroy_guest(self.ctx.paths, st.host, name, tap)
-            except (HostGone, LabError) as exc:
-                self.emit(Step(self.spec.name, f"cleaning guests: {exc}", warning=True))
+        except (HostGone, LabError) as exc:
+            self.emit(Step(self.spec.name, f"cleaning guests: {exc}", warning=True))
 
     # ---- faults ---------------------------------------------------------------------
     def crash(self, keep_dir: Path | None = None) -> HostCrashed:
         """What killed the host, from its console; the console is copied to `keep_dir` when given."""
-        console = self.ctx.paths.host_console(self.spec.name)
-        try:
-            text = console.read_text(errors="replace")
-        except OSError:
-            text = ""
-        oops = find_oops(text)
-        kept: str | None = None
-        if keep_dir is not None and console.exists():
-            keep_dir.mkdir(parents=True, exist_ok=True)
-            dest = keep_dir / f"{self.spec.name}-console-{time.strftime('%Y%m%dT%H%M%S')}.log"
-            try:
-                shutil.copyfile(console, dest)
-                kept = str(dest)
-            except OSError:
-                kept = str(console)
-        if oops is None:
-            return HostCrashed(self.spec.name, None, "", kept, stall=find_stall(text))
-        return HostCrashed(self.spec.name, oops.first, oops.head, kept)
+        return console_crash(self.spec.name, self.ctx.paths.host_console(self.spec.name), keep_dir)
 
     def host_alive(self) -> bool:
         """Whether the host still answers (a nested host: its VM runs and SSH answers)."""
