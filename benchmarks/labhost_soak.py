@@ -42,11 +42,12 @@ def first_oops(console: Path) -> str | None:
 
 
 def main() -> int:
-    from lab.config import load_config
+    from benchlab import open_bench_lab
+
     from lab.guests import boot_guest
     from lab.hosts.nested import destroy_host
     from lab.onhost.traffic import Iperf3Run
-    from lab.session import LabContext, guest_plan, up_host
+    from lab.session import guest_plan, up_host
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--boots", type=int, default=20)
@@ -58,12 +59,10 @@ def main() -> int:
     ap.add_argument("--json", default=None, metavar="FILE", help="write every boot's record here")
     args = ap.parse_args()
 
-    cfg = load_config(args.config)
-    ctx = LabContext.open(cfg)
-    host_spec = next(iter(cfg.hosts.values()))
+    lab = open_bench_lab(args.config)
+    cfg, ctx, host_spec, guest_spec = lab.cfg, lab.ctx, lab.host_spec, lab.guest_spec
     if args.vcpus:
         host_spec = dataclasses.replace(host_spec, vcpus=args.vcpus)
-    guest_spec = next(g for g in cfg.guests.values() if g.host == host_spec.name)
     kernel = args.kernel or host_spec.kernel
     plan = guest_plan(ctx, guest_spec)
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.hog else None

@@ -33,11 +33,12 @@ MAX_HOST_LOSSES = 3
 
 
 def main() -> int:
-    from lab.config import load_config
+    from benchlab import open_bench_lab
+
     from lab.errors import HostGone
     from lab.hosts.nested import destroy_host
     from lab.onhost.traffic import Iperf3Run
-    from lab.session import LabContext, LabSession, guest_plan, kernel_boot
+    from lab.session import LabSession, guest_plan, kernel_boot
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--swaps", type=int, default=4, help="swaps per policy")
@@ -49,10 +50,8 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    cfg = load_config(args.config)
-    ctx = LabContext.open(cfg)
-    host_spec = next(iter(cfg.hosts.values()))
-    guest_spec = next(g for g in cfg.guests.values() if g.host == host_spec.name)
+    lab = open_bench_lab(args.config)
+    ctx, host_spec, guest_spec = lab.ctx, lab.host_spec, lab.guest_spec
     recipes = args.recipes.split(",")
     rng = random.Random(args.seed)
     session = LabSession(ctx, host_spec, swap="reboot-guest")
