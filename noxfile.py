@@ -53,12 +53,13 @@ def debian_kernel_sources(config: Path = Path(__file__).with_name("lab.toml")) -
 
 def _missing_debian(packages: list[str]) -> list[str]:
     """The packages (`name` or `name=version`) not installed, or installed at another version."""
-    names = [p.split("=")[0] for p in packages]
+    wanted = [(p, *p.partition("=")[::2]) for p in packages]  # (as given, name, version or "")
     out = subprocess.run(
-        ["dpkg-query", "-W", "-f", "${Package} ${Version} ${db:Status-Status}\n", *names], capture_output=True, text=True
+        ["dpkg-query", "-W", "-f", "${Package} ${Version} ${db:Status-Status}\n", *(n for _, n, _ in wanted)],
+        capture_output=True, text=True,
     )
-    installed = {ln.split()[0]: ln.split()[1] for ln in out.stdout.splitlines() if ln.endswith(" installed")}
-    return [p for p in packages if p.split("=")[0] not in installed or ("=" in p and installed[p.split("=")[0]] != p.split("=", 1)[1])]
+    installed = dict(ln.split()[:2] for ln in out.stdout.splitlines() if ln.endswith(" installed"))
+    return [p for p, name, version in wanted if name not in installed or (version and installed[name] != version)]
 
 
 def install_debian(session: nox.Session, packages: list[str] | None = None) -> None:
